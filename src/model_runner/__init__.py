@@ -1,0 +1,1 @@
+"""model-runner-sink: write GeoJSON detection results to Amazon S3."""

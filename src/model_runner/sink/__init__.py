@@ -1,0 +1,28 @@
+"""Sinks that write GeoJSON detection results to Amazon S3."""
+
+from __future__ import annotations
+
+from model_runner.sink.async_s3_sink import AsyncS3Sink
+from model_runner.sink.exceptions import (
+    ChecksumMismatchError,
+    FeatureEncodingError,
+    InvalidAssumedRoleException,
+    SinkError,
+)
+from model_runner.sink.results import WriteResult
+from model_runner.sink.s3_sink import S3Sink
+from model_runner.sink.settings import SinkSettings
+from model_runner.sink.sink import AsyncSink, Sink
+
+__all__ = [
+    "AsyncS3Sink",
+    "AsyncSink",
+    "ChecksumMismatchError",
+    "FeatureEncodingError",
+    "InvalidAssumedRoleException",
+    "S3Sink",
+    "Sink",
+    "SinkError",
+    "SinkSettings",
+    "WriteResult",
+]

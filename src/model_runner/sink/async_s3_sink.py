@@ -1,0 +1,379 @@
+"""AsyncS3Sink: write a feature collection to S3 from asyncio, without stalling the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import posixpath
+import re
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterable, Iterable, Mapping
+from contextlib import AsyncExitStack, aclosing
+from types import TracebackType
+from typing import Any
+
+import anyio
+from aiobotocore.session import AioSession
+from botocore import loaders
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
+
+from model_runner.api import SinkMode, SinkType
+from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, is_role_arn
+from model_runner.sink.encoding import EncodingStats, FeatureSource, encode_collection
+from model_runner.sink.exceptions import InvalidAssumedRoleException
+from model_runner.sink.results import WriteResult
+from model_runner.sink.settings import SinkSettings
+from model_runner.sink.sink import AsyncSink
+from model_runner.sink.upload import upload_object
+
+__all__ = ["AsyncS3Sink", "object_key"]
+
+logger = logging.getLogger(__name__)
+
+# What botocore accepts as a bucket name (legacy names included); the rest is left to S3 to judge.
+_BUCKET_NAME = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")
+_MAX_KEY_BYTES = 1024
+# Answers that mean the bucket cannot be written at all: the seed reports them as False, not as an exception.
+_UNUSABLE_BUCKET_CODES = frozenset({"NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden"})
+
+_loader_lock = threading.Lock()
+_loader: loaders.Loader | None = None
+_default_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioSession] = weakref.WeakKeyDictionary()
+
+
+def object_key(prefix: str, image_id: str) -> str:
+    """
+    The key of an image's collection, as the seed derives it: the image id's last path segment, under the prefix.
+
+    :param prefix: The prefix within the bucket.
+    :param image_id: The image's identifier; only its last ``/``-separated segment is used.
+    :return: ``prefix/<last segment>.geojson``.
+    :raises ValueError: If the image id has no last segment, e.g. ``""`` or ``"a/b/"``.
+    """
+    if not isinstance(image_id, str):
+        raise TypeError(f"image_id must be a str, not {type(image_id).__name__}")
+    name = image_id.split("/")[-1]
+    if not name:
+        raise ValueError(f"image_id {image_id!r} has no file name to derive an object key from")
+    key = posixpath.join(prefix, name + ".geojson")
+    if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
+        raise ValueError(f"object key for image_id {image_id!r} is longer than S3's 1,024 bytes")
+    return key
+
+
+def _shared_loader() -> loaders.Loader:
+    # One loader for every session: loading the S3 model costs tens of milliseconds, once per process.
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = loaders.create_loader()
+        return _loader
+
+
+def _new_session() -> AioSession:
+    session = AioSession()
+    session.register_component("data_loader", _shared_loader())
+    return session
+
+
+def _default_session() -> AioSession:
+    # A session caches credentials whose refresh lock belongs to one event loop: one session per loop.
+    loop = asyncio.get_running_loop()
+    session = _default_sessions.get(loop)
+    if session is None:
+        session = _default_sessions[loop] = _new_session()
+    return session
+
+
+def _configured(session: AioSession, variable: str, environment: str) -> bool:
+    if environment in os.environ:
+        return True
+    try:
+        return variable in session.get_scoped_config()
+    except ProfileNotFound:
+        return False
+
+
+def _check_features(features: object) -> None:
+    if isinstance(features, (str, bytes, bytearray, Mapping)) or not isinstance(
+        features, (Iterable, AsyncIterable)
+    ):
+        raise TypeError(
+            "features must be an iterable or async iterable of GeoJSON features, "
+            f"not {type(features).__name__}" + (" (pass collection['features'])" if isinstance(features, Mapping) else "")
+        )
+
+
+def is_unusable_bucket_error(error: ClientError) -> bool:
+    """
+    Tell whether S3 refused a request because the bucket is missing or forbidden.
+
+    :param error: The error.
+    :return: `True` for a missing or forbidden bucket.
+    """
+    return error.response.get("Error", {}).get("Code") in _UNUSABLE_BUCKET_CODES
+
+
+class AsyncS3Sink(AsyncSink):
+    """
+    Writes each image's features to S3 as one GeoJSON FeatureCollection, from asyncio.
+
+    A write is atomic: the object appears whole or not at all, and a failed or cancelled write leaves no
+    multipart upload behind. Features are serialised in worker threads in small batches and large collections
+    are streamed in parts, so the event loop keeps running and memory stays bounded however large the collection.
+    Constructing a sink does no network I/O; its S3 client is created on first use and reused.
+
+    :param bucket: The name of the S3 bucket.
+    :param prefix: The prefix within the bucket where the files will be stored.
+    :param assumed_role: Optional IAM role ARN to assume for accessing the bucket.
+    :param settings: Tuning and object options.
+    :param endpoint_url: S3 endpoint; by default the standard configuration (``AWS_ENDPOINT_URL_S3``...).
+    :param sts_endpoint_url: STS endpoint for ``assumed_role``; by default the standard configuration.
+    :param region_name: Region; by default ``AWS_REGION``, then the standard configuration, then us-east-1.
+    :param client_config: A botocore config merged over the sink's own.
+    :param clock: What time it is, for credential expiry; for tests and simulations.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        assumed_role: str | None = None,
+        *,
+        settings: SinkSettings | None = None,
+        endpoint_url: str | None = None,
+        sts_endpoint_url: str | None = None,
+        region_name: str | None = None,
+        client_config: Config | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
+            raise ValueError(f"{bucket!r} is not a valid S3 bucket name")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.assumed_role = assumed_role
+        self.settings = settings or SinkSettings()
+        self._endpoint_url = endpoint_url
+        self._sts_endpoint_url = sts_endpoint_url
+        self._region_name = region_name or os.environ.get("AWS_REGION")
+        self._client_config = client_config
+        self._clock = clock
+        self._client: Any = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._credentials: Any = None
+        self._client_lock: anyio.Lock | None = None
+        self._exit_stack = AsyncExitStack()
+        self._bucket_checked = False
+
+    def __repr__(self) -> str:
+        return f"AsyncS3Sink(bucket={self.bucket!r}, prefix={self.prefix!r}, assumed_role={self.assumed_role!r})"
+
+    @staticmethod
+    def name() -> str:
+        """
+        Retrieve the name of the sink type.
+
+        :return: The string representation of the sink type.
+        """
+        return str(SinkType.S3.value)
+
+    @property
+    def mode(self) -> SinkMode:
+        """
+        The mode of the sink, which is aggregate.
+
+        :return: The `SinkMode` enumeration value representing the aggregate mode.
+        """
+        return SinkMode.AGGREGATE
+
+    def object_key(self, image_id: str) -> str:
+        """
+        The key an image's collection is written to.
+
+        :param image_id: The identifier of the image.
+        :return: ``prefix/<last segment of image_id>.geojson``.
+        :raises ValueError: If the image id has no last segment.
+        """
+        return object_key(self.prefix, image_id)
+
+    async def __aenter__(self) -> AsyncS3Sink:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the sink's S3 client and its connections. The sink can be used again afterwards."""
+        client, self._client = self._client, None
+        if client is not None:
+            with anyio.CancelScope(shield=True):
+                await self._exit_stack.aclose()
+
+    async def write(self, image_id: str, features: FeatureSource) -> bool:
+        """
+        Write the features of one image to S3 as a GeoJSON FeatureCollection.
+
+        :param image_id: The identifier for the image, used to generate the S3 object key.
+        :param features: GeoJSON features (``geojson.Feature`` objects or dicts): a list, any iterable, or an
+            async iterable.
+        :return: `True` if the object was stored, `False` if the bucket does not exist or is forbidden.
+        :raises ClientError: If S3 refuses the upload for another reason, after retries.
+        :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
+        :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
+        :raises ValueError: If the image id has no file name.
+        :raises TypeError: If ``features`` is not a collection of features.
+        """
+        try:
+            await self.write_with_result(image_id, features)
+        except ClientError as error:
+            if not is_unusable_bucket_error(error):
+                raise
+            logger.error("cannot write to bucket %s: %s", self.bucket, error)
+            return False
+        return True
+
+    async def write_with_result(self, image_id: str, features: FeatureSource) -> WriteResult:
+        """
+        Write the features of one image, and tell what the write did.
+
+        :param image_id: The identifier for the image, used to generate the S3 object key.
+        :param features: GeoJSON features: a list, any iterable, or an async iterable.
+        :return: The stored object's key, size, checksum and costs.
+        :raises ClientError: If S3 refuses the upload, after retries, a missing bucket included.
+        :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
+        :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
+        """
+        key = self.object_key(image_id)
+        _check_features(features)
+        started = time.perf_counter()
+        client = await self._ready_client()
+        if not self._bucket_checked:
+            # Once per sink, not per write as the seed did: later failures surface from the upload itself.
+            await client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
+            self._bucket_checked = True
+        stats = EncodingStats()
+        chunks = encode_collection(
+            features,
+            batch_features=self.settings.encode_batch_features,
+            call_seconds=self.settings.encode_call_seconds,
+            stats=stats,
+        )
+        async with aclosing(chunks):
+            outcome = await upload_object(client, self.bucket, key, chunks, self.settings)
+        seconds = time.perf_counter() - started
+        logger.debug(
+            "wrote s3://%s/%s",
+            self.bucket,
+            key,
+            extra={"bucket": self.bucket, "key": key, "bytes": outcome.bytes, "features": stats.features,
+                   "seconds": seconds},
+        )
+        return WriteResult(
+            bucket=self.bucket,
+            key=key,
+            bytes=outcome.bytes,
+            features=stats.features,
+            parts=outcome.parts,
+            retries=outcome.retries,
+            seconds=seconds,
+            encode_seconds=stats.seconds,
+            checksum=outcome.checksum,
+            etag=outcome.etag,
+            version_id=outcome.version_id,
+        )
+
+    async def validate_s3_bucket(self) -> bool:
+        """
+        Check if the output S3 bucket exists and can be read/written to.
+
+        :return: `True` if the bucket exists and can be accessed, `False` otherwise.
+        :raises ClientError: If there are issues accessing the S3 bucket other than its absence or a denial.
+        :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
+        """
+        client = await self._ready_client()
+        try:
+            await client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
+        except ClientError as error:
+            if not is_unusable_bucket_error(error):
+                raise
+            logger.error("bucket %s does not exist or cannot be accessed: %s", self.bucket, error)
+            return False
+        self._bucket_checked = True
+        return True
+
+    async def _ready_client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._client_loop is not loop:
+            raise RuntimeError("an AsyncS3Sink is bound to the event loop it was first used in")
+        if self._client_lock is None:
+            self._client_lock = anyio.Lock()
+        async with self._client_lock:
+            if self._client is None:
+                self._client = await self._create_client()
+                self._client_loop = loop
+        if self._credentials is not None:
+            await self._refresh_credentials()
+        return self._client
+
+    async def _create_client(self) -> Any:
+        source = _default_session()
+        region = self._region_name or source.get_config_variable("region") or "us-east-1"
+        session = source
+        if self.assumed_role is not None:
+            if not is_role_arn(self.assumed_role):
+                raise InvalidAssumedRoleException(self.assumed_role, "not an IAM role ARN")
+            role = AssumedRole(
+                role_arn=self.assumed_role,
+                session_name=self.settings.role_session_name,
+                duration_seconds=self.settings.role_duration_seconds,
+                refresh_seconds=self.settings.credential_refresh_seconds,
+                region_name=region,
+                sts_endpoint_url=self._sts_endpoint_url,
+            )
+            self._credentials = assumed_role_credentials(role, source, clock=self._clock)
+            await self._refresh_credentials()
+            session = _new_session()
+            # botocore has no public setter for refreshable credentials; its own assume-role provider does this.
+            session._credentials = self._credentials
+        context = session.create_client(
+            "s3", region_name=region, endpoint_url=self._endpoint_url, config=self._config(source)
+        )
+        return await self._exit_stack.enter_async_context(context)
+
+    async def _refresh_credentials(self) -> None:
+        # Refreshing here, before a write, keeps request signing from meeting an expired or denied role mid-upload.
+        try:
+            await self._credentials.get_frozen_credentials()
+        except (ClientError, BotoCoreError) as error:
+            code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
+            raise InvalidAssumedRoleException(
+                str(self.assumed_role), code or type(error).__name__
+            ) from error
+
+    def _config(self, session: AioSession) -> Config:
+        retries: dict[str, Any] = {}
+        if self.settings.retry_mode is not None:
+            retries["mode"] = self.settings.retry_mode
+        elif not _configured(session, "retry_mode", "AWS_RETRY_MODE"):
+            retries["mode"] = "standard"
+        if self.settings.max_attempts is not None:
+            retries["total_max_attempts"] = self.settings.max_attempts
+        config = Config(
+            retries=retries or None,
+            max_pool_connections=self.settings.max_pool_connections,
+            # Checksums are computed in worker threads and sent with each request; botocore would hash the body
+            # again on the event loop, and sign it with SHA-256 over plain HTTP.
+            s3={"payload_signing_enabled": False},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            user_agent_appid="model-runner-sink",
+        )
+        return config.merge(self._client_config) if self._client_config is not None else config

@@ -1,0 +1,38 @@
+"""What a write did, for services that account for it and harnesses that compare it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["WriteResult"]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """
+    One stored feature collection.
+
+    :param bucket: The bucket written to.
+    :param key: The object's key.
+    :param bytes: Size of the object.
+    :param features: Features in the collection.
+    :param parts: Parts of its multipart upload, 0 for a single ``PutObject``.
+    :param retries: Request attempts botocore retried while writing it.
+    :param seconds: Duration of the whole write.
+    :param encode_seconds: Time spent serialising features, in worker threads.
+    :param checksum: CRC32 of the object as S3 reports it (``-<parts>`` for a multipart object).
+    :param etag: The object's ETag.
+    :param version_id: The object's version, when the bucket is versioned.
+    """
+
+    bucket: str
+    key: str
+    bytes: int
+    features: int
+    parts: int
+    retries: int
+    seconds: float
+    encode_seconds: float
+    checksum: str
+    etag: str
+    version_id: str | None = None

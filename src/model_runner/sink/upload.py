@@ -1,0 +1,284 @@
+"""Chunks of bytes -> one S3 object: a single PutObject, or a multipart upload that never leaves parts behind."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import sys
+import zlib
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from model_runner.sink.exceptions import ChecksumMismatchError
+from model_runner.sink.settings import MAX_PART_SIZE, SinkSettings
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["PartPlan", "UploadOutcome", "part_size_for", "upload_object"]
+
+logger = logging.getLogger(__name__)
+
+# S3 allows 10,000 parts. The size of an object streamed from a generator is not known in advance, so the part
+# size doubles every 1,000 parts: 8 MiB parts then reach ~8 TiB, past S3's 5 TiB object limit, within 10,000.
+MAX_PARTS = 10_000
+PARTS_PER_SIZE_STEP = 1_000
+# An abort must finish even when the write was cancelled, but must not hang a shutdown either.
+ABORT_TIMEOUT_SECONDS = 60.0
+
+
+def part_size_for(part_number: int, base_part_size: int) -> int:
+    """
+    Size of a part: ``base_part_size``, doubled every 1,000 parts, at most 5 GiB.
+
+    :param part_number: Number of the part, from 1.
+    :param base_part_size: Size of the first parts.
+    :return: The size in bytes of that part (the last part of an upload may be shorter).
+    """
+    return int(min(base_part_size * 2 ** ((part_number - 1) // PARTS_PER_SIZE_STEP), MAX_PART_SIZE))
+
+
+@dataclass
+class UploadOutcome:
+    """What S3 answered for a stored object."""
+
+    bytes: int = 0
+    parts: int = 0
+    retries: int = 0
+    checksum: str = ""
+    etag: str = ""
+    version_id: str | None = None
+
+
+@dataclass
+class PartPlan:
+    """Cuts a stream of chunks into parts of the planned sizes, splitting a chunk that straddles two parts."""
+
+    base_part_size: int
+    number: int = 1
+    pieces: list[memoryview] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, chunk: memoryview) -> list[tuple[int, list[memoryview]]]:
+        """
+        Add a chunk.
+
+        :param chunk: The next bytes of the object.
+        :return: The parts that this chunk completed, as ``(part number, pieces)``.
+        """
+        completed = []
+        while chunk:
+            room = part_size_for(self.number, self.base_part_size) - self.size
+            piece, chunk = chunk[:room], chunk[room:]
+            self.pieces.append(piece)
+            self.size += len(piece)
+            if len(piece) == room:
+                completed.append(self._take())
+        return completed
+
+    def finish(self) -> tuple[int, list[memoryview]] | None:
+        """
+        Take the last, possibly shorter, part.
+
+        :return: The last part, or `None` if the chunks filled whole parts exactly.
+        """
+        return self._take() if self.size else None
+
+    def _take(self) -> tuple[int, list[memoryview]]:
+        part = (self.number, self.pieces)
+        self.number += 1
+        self.pieces, self.size = [], 0
+        if self.number > MAX_PARTS:
+            raise ValueError("object exceeds S3's 10,000 parts")
+        return part
+
+
+def _seal(pieces: list[memoryview]) -> tuple[bytes, str]:
+    # Joined and checksummed in a worker thread: both walk megabytes, and zlib releases the GIL while it does.
+    body = b"".join(pieces)
+    return body, _crc32_base64(zlib.crc32(body))
+
+
+def _crc32_base64(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+
+def composite_crc32(part_checksums: list[str]) -> str:
+    """
+    The checksum S3 gives a multipart object: the CRC32 of the parts' CRC32s, then ``-<parts>``.
+
+    :param part_checksums: Base64 CRC32 of each part, in order.
+    :return: The object's composite checksum.
+    """
+    raw = b"".join(base64.b64decode(checksum) for checksum in part_checksums)
+    return f"{_crc32_base64(zlib.crc32(raw))}-{len(part_checksums)}"
+
+
+def _retries(response: dict[str, Any]) -> int:
+    return int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+
+
+def _verify(response: dict[str, Any], expected: str, key: str) -> None:
+    stored = response.get("ChecksumCRC32")
+    if stored is not None and stored != expected:
+        raise ChecksumMismatchError(f"s3 stored {key} with CRC32 {stored}, expected {expected}")
+
+
+def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    # A task group wraps even one failure; callers expect the ClientError (or cancellation) itself.
+    errors = group.exceptions
+    while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
+        errors = errors[0].exceptions
+    return errors[0] if len(errors) == 1 else group
+
+
+async def upload_object(
+    client: Any,
+    bucket: str,
+    key: str,
+    chunks: AsyncIterable[memoryview],
+    settings: SinkSettings,
+    *,
+    metadata: dict[str, str] | None = None,
+    on_part: Callable[[int, int], Awaitable[None] | None] | None = None,
+) -> UploadOutcome:
+    """
+    Store the concatenated chunks as one object, atomically: the object appears whole or not at all.
+
+    Below ``settings.multipart_threshold`` bytes it is one ``PutObject``. Past it, a multipart upload: parts are
+    cut as chunks arrive, at most ``settings.max_parts_in_flight`` upload at once while the next is produced, and
+    any failure or cancellation aborts the upload, so no parts are left behind, before it propagates.
+
+    :param client: An aiobotocore S3 client.
+    :param bucket: The bucket.
+    :param key: The object key.
+    :param chunks: The object's bytes, in order.
+    :param settings: Part sizes, concurrency and object options.
+    :param metadata: User metadata of the object.
+    :param on_part: Called with ``(part number, part bytes)`` after each part is stored.
+    :return: What S3 answered.
+    :raises botocore.exceptions.ClientError: If S3 refuses a request after retries.
+    :raises ChecksumMismatchError: If S3 stored other bytes than those sent.
+    """
+    object_arguments: dict[str, Any] = settings.object_arguments()
+    if metadata:
+        object_arguments["Metadata"] = metadata
+    pending: list[memoryview] = []
+    pending_size = 0
+    iterator = aiter(chunks)
+    async for chunk in iterator:
+        pending.append(chunk)
+        pending_size += len(chunk)
+        if pending_size >= settings.multipart_threshold:
+            return await _upload_parts(
+                client, bucket, key, pending, iterator, settings, object_arguments, on_part
+            )
+    body, checksum = await anyio.to_thread.run_sync(_seal, pending)
+    response = await client.put_object(
+        Bucket=bucket, Key=key, Body=body, ChecksumCRC32=checksum, **object_arguments
+    )
+    _verify(response, checksum, key)
+    return UploadOutcome(
+        bytes=len(body),
+        parts=0,
+        retries=_retries(response),
+        checksum=checksum,
+        etag=response.get("ETag", ""),
+        version_id=response.get("VersionId"),
+    )
+
+
+async def _upload_parts(
+    client: Any,
+    bucket: str,
+    key: str,
+    first_chunks: list[memoryview],
+    chunks: AsyncIterable[memoryview],
+    settings: SinkSettings,
+    object_arguments: dict[str, Any],
+    on_part: Callable[[int, int], Awaitable[None] | None] | None,
+) -> UploadOutcome:
+    created = await client.create_multipart_upload(
+        Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", **object_arguments
+    )
+    upload_id = created["UploadId"]
+    bucket_arguments = settings.bucket_arguments()
+    outcome = UploadOutcome(retries=_retries(created))
+    stored: dict[int, dict[str, Any]] = {}
+    slots = anyio.Semaphore(settings.max_parts_in_flight)
+
+    async def upload_part(number: int, pieces: list[memoryview]) -> None:
+        try:
+            body, checksum = await anyio.to_thread.run_sync(_seal, pieces)
+            pieces.clear()
+            response = await client.upload_part(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ChecksumCRC32=checksum,
+                **bucket_arguments,
+            )
+            stored[number] = {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
+            outcome.bytes += len(body)
+            outcome.retries += _retries(response)
+            if on_part is not None:
+                maybe_awaitable = on_part(number, len(body))
+                if maybe_awaitable is not None:
+                    await maybe_awaitable
+        finally:
+            slots.release()
+
+    async def start(part: tuple[int, list[memoryview]], task_group: TaskGroup) -> None:
+        # Waiting for a slot before taking more chunks is what bounds memory: the encoder waits too.
+        await slots.acquire()
+        task_group.start_soon(upload_part, *part)
+
+    try:
+        try:
+            plan = PartPlan(settings.part_size)
+            async with anyio.create_task_group() as task_group:
+                for chunk in first_chunks:
+                    for part in plan.add(chunk):
+                        await start(part, task_group)
+                first_chunks.clear()
+                async for chunk in chunks:
+                    for part in plan.add(chunk):
+                        await start(part, task_group)
+                last = plan.finish()
+                if last is not None:
+                    await start(last, task_group)
+        except BaseExceptionGroup as group:
+            raise _single_error(group) from None
+        parts = [stored[number] for number in sorted(stored)]
+        completed = await client.complete_multipart_upload(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+            **bucket_arguments,
+        )
+    except BaseException:
+        await _abort(client, bucket, key, upload_id, bucket_arguments)
+        raise
+    outcome.checksum = composite_crc32([part["ChecksumCRC32"] for part in parts])
+    _verify(completed, outcome.checksum, key)
+    outcome.parts = len(parts)
+    outcome.retries += _retries(completed)
+    outcome.etag = completed.get("ETag", "")
+    outcome.version_id = completed.get("VersionId")
+    return outcome
+
+
+async def _abort(client: Any, bucket: str, key: str, upload_id: str, bucket_arguments: dict[str, str]) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(ABORT_TIMEOUT_SECONDS):
+        try:
+            await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, **bucket_arguments)
+        except Exception:
+            logger.exception("could not abort multipart upload of s3://%s/%s", bucket, key)
