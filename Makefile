@@ -21,6 +21,7 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed-test-lint
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory lint
 
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff format --check src tests benchmarks

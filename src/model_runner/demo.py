@@ -126,8 +126,13 @@ def synthetic_detections(count: int, *, seed: int = 0, image_id: str | None = No
     for _ in range(count):
         column, row = rng.randrange(0, 20000), rng.randrange(0, 20000)
         width, height = rng.randrange(6, 60), rng.randrange(6, 60)
-        image_ring = [[column, row], [column, row + height], [column + width, row + height], [column + width, row],
-                      [column, row]]
+        image_ring = [
+            [column, row],
+            [column, row + height],
+            [column + width, row + height],
+            [column + width, row],
+            [column, row],
+        ]
         world_ring = [[round(origin_lon + x * 1e-6, 7), round(origin_lat - y * 1e-6, 7)] for x, y in image_ring]
         if rng.random() < 0.5:
             geometry: dict[str, Any] = {"type": "Polygon", "coordinates": [world_ring]}

@@ -99,12 +99,10 @@ def _configured(session: AioSession, variable: str, environment: str) -> bool:
 
 
 def _check_features(features: object) -> None:
-    if isinstance(features, (str, bytes, bytearray, Mapping)) or not isinstance(
-        features, (Iterable, AsyncIterable)
-    ):
+    if isinstance(features, (str, bytes, bytearray, Mapping)) or not isinstance(features, (Iterable, AsyncIterable)):
+        hint = " (pass collection['features'])" if isinstance(features, Mapping) else ""
         raise TypeError(
-            "features must be an iterable or async iterable of GeoJSON features, "
-            f"not {type(features).__name__}" + (" (pass collection['features'])" if isinstance(features, Mapping) else "")
+            f"features must be an iterable or async iterable of GeoJSON features, not {type(features).__name__}{hint}"
         )
 
 
@@ -273,8 +271,13 @@ class AsyncS3Sink(AsyncSink):
             "wrote s3://%s/%s",
             self.bucket,
             key,
-            extra={"bucket": self.bucket, "key": key, "bytes": outcome.bytes, "features": stats.features,
-                   "seconds": seconds},
+            extra={
+                "bucket": self.bucket,
+                "key": key,
+                "bytes": outcome.bytes,
+                "features": stats.features,
+                "seconds": seconds,
+            },
         )
         return WriteResult(
             bucket=self.bucket,
@@ -342,7 +345,7 @@ class AsyncS3Sink(AsyncSink):
             await self._refresh_credentials()
             session = _new_session()
             # botocore has no public setter for refreshable credentials; its own assume-role provider does this.
-            session._credentials = self._credentials
+            session._credentials = self._credentials  # type: ignore[attr-defined]
         context = session.create_client(
             "s3", region_name=region, endpoint_url=self._endpoint_url, config=self._config(source)
         )
@@ -354,9 +357,7 @@ class AsyncS3Sink(AsyncSink):
             await self._credentials.get_frozen_credentials()
         except (ClientError, BotoCoreError) as error:
             code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
-            raise InvalidAssumedRoleException(
-                str(self.assumed_role), code or type(error).__name__
-            ) from error
+            raise InvalidAssumedRoleException(str(self.assumed_role), code or type(error).__name__) from error
 
     def _config(self, session: AioSession) -> Config:
         retries: dict[str, Any] = {}
@@ -367,13 +368,12 @@ class AsyncS3Sink(AsyncSink):
         if self.settings.max_attempts is not None:
             retries["total_max_attempts"] = self.settings.max_attempts
         config = Config(
-            retries=retries or None,
+            retries=retries or None,  # type: ignore[arg-type]
             max_pool_connections=self.settings.max_pool_connections,
             # Checksums are computed in worker threads and sent with each request; botocore would hash the body
             # again on the event loop, and sign it with SHA-256 over plain HTTP.
             s3={"payload_signing_enabled": False},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            user_agent_appid="model-runner-sink",
         )
         return config.merge(self._client_config) if self._client_config is not None else config

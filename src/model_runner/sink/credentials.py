@@ -9,13 +9,12 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from aiobotocore.credentials import AioAssumeRoleCredentialFetcher, AioDeferredRefreshableCredentials
 from aiobotocore.session import AioSession
 from botocore.config import Config
-from dateutil.tz import tzlocal
 
 __all__ = ["AssumedRole", "assumed_role_credentials", "is_role_arn"]
 
@@ -35,7 +34,7 @@ def is_role_arn(value: str) -> bool:
 
 
 def _local_now() -> datetime:
-    return datetime.now(tzlocal())
+    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def assumed_role_credentials(
         if credentials is None:
             credentials = _create(role, source_session, clock)
             per_loop[(role, clock)] = credentials
-    return credentials  # type: ignore[no-any-return]
+    return credentials
 
 
 def _create(role: AssumedRole, source_session: AioSession, clock: Clock) -> AioDeferredRefreshableCredentials:
@@ -106,7 +105,7 @@ def _create(role: AssumedRole, source_session: AioSession, clock: Clock) -> AioD
         if fetcher is None:
             source = await source_session.get_credentials()
             fetcher = AioAssumeRoleCredentialFetcher(
-                client_creator=functools.partial(
+                client_creator=functools.partial(  # type: ignore[arg-type]
                     source_session.create_client,
                     region_name=role.region_name,
                     endpoint_url=role.sts_endpoint_url,
@@ -121,6 +120,7 @@ def _create(role: AssumedRole, source_session: AioSession, clock: Clock) -> AioD
         return await fetcher.fetch_credentials()  # type: ignore[no-any-return]
 
     credentials = AioDeferredRefreshableCredentials(refresh_using=fetch, method="assume-role", time_fetcher=clock)
-    credentials._mandatory_refresh_timeout = role.refresh_seconds
-    credentials._advisory_refresh_timeout = role.refresh_seconds + 300
+    # botocore sets these windows per class; its constructor arguments for them are not on the deferred variant.
+    credentials._mandatory_refresh_timeout = role.refresh_seconds  # type: ignore[attr-defined]
+    credentials._advisory_refresh_timeout = role.refresh_seconds + 300  # type: ignore[attr-defined]
     return credentials

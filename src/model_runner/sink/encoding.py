@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from itertools import islice
@@ -57,9 +57,7 @@ def _default(value: Any) -> Any:
 def _dumps(features: list[Any], first_index: int) -> bytes:
     for offset, feature in enumerate(features):
         if not isinstance(feature, Mapping):
-            raise FeatureEncodingError(
-                first_index + offset, f"a feature is a mapping, not {type(feature).__name__}"
-            )
+            raise FeatureEncodingError(first_index + offset, f"a feature is a mapping, not {type(feature).__name__}")
     try:
         return orjson.dumps(features, default=_default, option=_OPTIONS)
     except orjson.JSONEncodeError:
@@ -108,7 +106,7 @@ async def _encoded_batches(
         exhausted = False
         while not exhausted:
             batch: list[Any] = []
-            async for feature in iterator:  # noqa: B007 - pulled a batch at a time
+            async for feature in iterator:
                 batch.append(feature)
                 if len(batch) >= batch_size:
                     break
@@ -140,7 +138,7 @@ async def encode_collection(
     call_seconds: float = 0.001,
     limiter: anyio.CapacityLimiter | None = None,
     stats: EncodingStats | None = None,
-) -> AsyncIterator[memoryview]:
+) -> AsyncGenerator[memoryview, None]:
     """
     Encode features as one compact UTF-8 GeoJSON FeatureCollection, chunk by chunk.
 

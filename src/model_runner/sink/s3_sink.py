@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -154,7 +155,7 @@ class S3Sink(Sink):
             client_config=client_config,
             clock=clock,
         )
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[[_LoopThread, AsyncS3Sink], S3Sink] | None = None
 
     def __repr__(self) -> str:
         return f"S3Sink(bucket={self.bucket!r}, prefix={self.prefix!r}, assumed_role={self.assumed_role!r})"
@@ -257,7 +258,6 @@ class S3Sink(Sink):
 def _close_later(loop_thread: _LoopThread, sink: AsyncS3Sink) -> None:
     portal = loop_thread._portal
     if portal is not None and _loop_thread is loop_thread:
-        try:
+        # Finalised on the loop thread itself, or after the loop stopped: the exit handler closes it.
+        with contextlib.suppress(RuntimeError):
             portal.start_task_soon(sink.aclose)
-        except RuntimeError:
-            pass  # finalised on the loop thread itself, or after the loop stopped: exit closes it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import sys
 import zlib
@@ -98,10 +99,18 @@ class PartPlan:
         return part
 
 
-def _seal(pieces: list[memoryview]) -> tuple[bytes, str]:
-    # Joined and checksummed in a worker thread: both walk megabytes, and zlib releases the GIL while it does.
-    body = b"".join(pieces)
-    return body, _crc32_base64(zlib.crc32(body))
+def _seal(pieces: list[memoryview]) -> tuple[io.BytesIO, int, str]:
+    # In a worker thread, a piece at a time: each copy holds the GIL only briefly and zlib releases it, so the
+    # event loop is never kept waiting for a whole part. The body is a BytesIO that owns its buffer because
+    # botocore would wrap bytes in one that aiohttp then copies, on the event loop.
+    body = io.BytesIO()
+    crc = 0
+    for piece in pieces:
+        body.write(piece)
+        crc = zlib.crc32(piece, crc)
+    size = body.tell()
+    body.seek(0)
+    return body, size, _crc32_base64(crc)
 
 
 def _crc32_base64(crc: int) -> str:
@@ -134,7 +143,8 @@ def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     errors = group.exceptions
     while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
         errors = errors[0].exceptions
-    return errors[0] if len(errors) == 1 else group
+    single: BaseException = errors[0] if len(errors) == 1 else group
+    return single
 
 
 async def upload_object(
@@ -175,16 +185,14 @@ async def upload_object(
         pending.append(chunk)
         pending_size += len(chunk)
         if pending_size >= settings.multipart_threshold:
-            return await _upload_parts(
-                client, bucket, key, pending, iterator, settings, object_arguments, on_part
-            )
-    body, checksum = await anyio.to_thread.run_sync(_seal, pending)
+            return await _upload_parts(client, bucket, key, pending, iterator, settings, object_arguments, on_part)
+    body, size, checksum = await anyio.to_thread.run_sync(_seal, pending)
     response = await client.put_object(
-        Bucket=bucket, Key=key, Body=body, ChecksumCRC32=checksum, **object_arguments
+        Bucket=bucket, Key=key, Body=body, ContentLength=size, ChecksumCRC32=checksum, **object_arguments
     )
     _verify(response, checksum, key)
     return UploadOutcome(
-        bytes=len(body),
+        bytes=size,
         parts=0,
         retries=_retries(response),
         checksum=checksum,
@@ -214,7 +222,7 @@ async def _upload_parts(
 
     async def upload_part(number: int, pieces: list[memoryview]) -> None:
         try:
-            body, checksum = await anyio.to_thread.run_sync(_seal, pieces)
+            body, size, checksum = await anyio.to_thread.run_sync(_seal, pieces)
             pieces.clear()
             response = await client.upload_part(
                 Bucket=bucket,
@@ -222,14 +230,15 @@ async def _upload_parts(
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=body,
+                ContentLength=size,
                 ChecksumCRC32=checksum,
                 **bucket_arguments,
             )
             stored[number] = {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
-            outcome.bytes += len(body)
+            outcome.bytes += size
             outcome.retries += _retries(response)
             if on_part is not None:
-                maybe_awaitable = on_part(number, len(body))
+                maybe_awaitable = on_part(number, size)
                 if maybe_awaitable is not None:
                     await maybe_awaitable
         finally:
