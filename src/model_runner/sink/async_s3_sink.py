@@ -7,21 +7,19 @@ import logging
 import os
 import posixpath
 import re
-import threading
 import time
 import weakref
-from collections.abc import AsyncIterable, Iterable, Mapping
-from contextlib import AsyncExitStack, aclosing
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from types import TracebackType
 from typing import Any
 
-import anyio
 from aiobotocore.session import AioSession
-from botocore import loaders
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
 
 from model_runner.api import SinkMode, SinkType
+from model_runner.sink.clients import SharedClient, SharedClients, shared_loader
 from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, is_role_arn
 from model_runner.sink.encoding import EncodingStats, FeatureSource, encode_collection
 from model_runner.sink.exceptions import InvalidAssumedRoleException
@@ -40,8 +38,6 @@ _MAX_KEY_BYTES = 1024
 # Answers that mean the bucket cannot be written at all: the seed reports them as False, not as an exception.
 _UNUSABLE_BUCKET_CODES = frozenset({"NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden"})
 
-_loader_lock = threading.Lock()
-_loader: loaders.Loader | None = None
 _default_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioSession] = weakref.WeakKeyDictionary()
 
 
@@ -65,18 +61,9 @@ def object_key(prefix: str, image_id: str) -> str:
     return key
 
 
-def _shared_loader() -> loaders.Loader:
-    # One loader for every session: loading the S3 model costs tens of milliseconds, once per process.
-    global _loader
-    with _loader_lock:
-        if _loader is None:
-            _loader = loaders.create_loader()
-        return _loader
-
-
 def _new_session() -> AioSession:
     session = AioSession()
-    session.register_component("data_loader", _shared_loader())
+    session.register_component("data_loader", shared_loader())
     return session
 
 
@@ -162,12 +149,13 @@ class AsyncS3Sink(AsyncSink):
         self._region_name = region_name or os.environ.get("AWS_REGION")
         self._client_config = client_config
         self._clock = clock
-        self._client: Any = None
-        self._client_loop: asyncio.AbstractEventLoop | None = None
-        self._credentials: Any = None
-        self._client_lock: anyio.Lock | None = None
-        self._exit_stack = AsyncExitStack()
-        self._bucket_checked = False
+        self._bucket_identity = (bucket, self.settings.expected_bucket_owner)
+        self._config_key = (
+            self.settings.max_pool_connections,
+            self.settings.retry_mode,
+            self.settings.max_attempts,
+            repr(vars(client_config)) if client_config is not None else None,
+        )
 
     def __repr__(self) -> str:
         return f"AsyncS3Sink(bucket={self.bucket!r}, prefix={self.prefix!r}, assumed_role={self.assumed_role!r})"
@@ -209,11 +197,10 @@ class AsyncS3Sink(AsyncSink):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the sink's S3 client and its connections. The sink can be used again afterwards."""
-        client, self._client = self._client, None
-        if client is not None:
-            with anyio.CancelScope(shield=True):
-                await self._exit_stack.aclose()
+        """
+        Let go of the sink. It holds no connection between writes: the S3 client it shares with sinks configured
+        alike closes once unused for 30 s, or when the event loop shuts down.
+        """
 
     async def write(self, image_id: str, features: FeatureSource) -> bool:
         """
@@ -252,20 +239,17 @@ class AsyncS3Sink(AsyncSink):
         key = self.object_key(image_id)
         _check_features(features)
         started = time.perf_counter()
-        client = await self._ready_client()
-        if not self._bucket_checked:
-            # Once per sink, not per write as the seed did: later failures surface from the upload itself.
-            await client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
-            self._bucket_checked = True
         stats = EncodingStats()
-        chunks = encode_collection(
-            features,
-            batch_features=self.settings.encode_batch_features,
-            call_seconds=self.settings.encode_call_seconds,
-            stats=stats,
-        )
-        async with aclosing(chunks):
-            outcome = await upload_object(client, self.bucket, key, chunks, self.settings)
+        async with self._client() as shared:
+            await self._check_bucket_once(shared)
+            chunks = encode_collection(
+                features,
+                batch_features=self.settings.encode_batch_features,
+                call_seconds=self.settings.encode_call_seconds,
+                stats=stats,
+            )
+            async with aclosing(chunks):
+                outcome = await upload_object(shared.client, self.bucket, key, chunks, self.settings)
         seconds = time.perf_counter() - started
         logger.debug(
             "wrote s3://%s/%s",
@@ -301,35 +285,30 @@ class AsyncS3Sink(AsyncSink):
         :raises ClientError: If there are issues accessing the S3 bucket other than its absence or a denial.
         :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
         """
-        client = await self._ready_client()
-        try:
-            await client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
-        except ClientError as error:
-            if not is_unusable_bucket_error(error):
-                raise
-            logger.error("bucket %s does not exist or cannot be accessed: %s", self.bucket, error)
-            return False
-        self._bucket_checked = True
+        async with self._client() as shared:
+            try:
+                await shared.client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
+            except ClientError as error:
+                if not is_unusable_bucket_error(error):
+                    raise
+                logger.error("bucket %s does not exist or cannot be accessed: %s", self.bucket, error)
+                return False
+            shared.checked_buckets.add(self._bucket_identity)
         return True
 
-    async def _ready_client(self) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._client is not None and self._client_loop is not loop:
-            raise RuntimeError("an AsyncS3Sink is bound to the event loop it was first used in")
-        if self._client_lock is None:
-            self._client_lock = anyio.Lock()
-        async with self._client_lock:
-            if self._client is None:
-                self._client = await self._create_client()
-                self._client_loop = loop
-        if self._credentials is not None:
-            await self._refresh_credentials()
-        return self._client
+    async def _check_bucket_once(self, shared: SharedClient) -> None:
+        if self._bucket_identity not in shared.checked_buckets:
+            # Once per client, not per write as the seed did: later failures surface from the upload itself.
+            await shared.client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
+            shared.checked_buckets.add(self._bucket_identity)
 
-    async def _create_client(self) -> Any:
+    @asynccontextmanager
+    async def _client(self) -> AsyncIterator[SharedClient]:
+        # Clients are shared by the sinks of a loop configured alike, and taken per call, so a sink holds nothing
+        # between writes and can be created per request, dropped without closing, or used from any loop.
         source = _default_session()
         region = self._region_name or source.get_config_variable("region") or "us-east-1"
-        session = source
+        credentials = None
         if self.assumed_role is not None:
             if not is_role_arn(self.assumed_role):
                 raise InvalidAssumedRoleException(self.assumed_role, "not an IAM role ARN")
@@ -341,20 +320,30 @@ class AsyncS3Sink(AsyncSink):
                 region_name=region,
                 sts_endpoint_url=self._sts_endpoint_url,
             )
-            self._credentials = assumed_role_credentials(role, source, clock=self._clock)
-            await self._refresh_credentials()
+            credentials = assumed_role_credentials(role, source, clock=self._clock)
+            await self._refresh_credentials(credentials)
+        key = (region, self._endpoint_url, self._config_key, credentials)
+        registry = SharedClients.of_running_loop()
+        shared = await registry.acquire(key, lambda: self._create_client(source, region, credentials))
+        try:
+            yield shared
+        finally:
+            registry.release(key)
+
+    def _create_client(self, source: AioSession, region: str, credentials: Any) -> AbstractAsyncContextManager[Any]:
+        session = source
+        if credentials is not None:
             session = _new_session()
             # botocore has no public setter for refreshable credentials; its own assume-role provider does this.
-            session._credentials = self._credentials  # type: ignore[attr-defined]
-        context = session.create_client(
+            session._credentials = credentials  # type: ignore[attr-defined]
+        return session.create_client(
             "s3", region_name=region, endpoint_url=self._endpoint_url, config=self._config(source)
         )
-        return await self._exit_stack.enter_async_context(context)
 
-    async def _refresh_credentials(self) -> None:
+    async def _refresh_credentials(self, credentials: Any) -> None:
         # Refreshing here, before a write, keeps request signing from meeting an expired or denied role mid-upload.
         try:
-            await self._credentials.get_frozen_credentials()
+            await credentials.get_frozen_credentials()
         except (ClientError, BotoCoreError) as error:
             code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
             raise InvalidAssumedRoleException(str(self.assumed_role), code or type(error).__name__) from error
