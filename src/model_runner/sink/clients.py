@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio.to_thread
 from botocore import loaders
 
 __all__ = ["IDLE_SECONDS", "SharedClient", "SharedClients", "shared_loader"]
@@ -19,6 +20,16 @@ IDLE_SECONDS = 30.0
 
 _loader_lock = threading.Lock()
 _loader: loaders.Loader | None = None
+
+
+def _load_models() -> None:
+    # Parsing these JSON files takes ~60 ms, which would stall the event loop on the first client creation.
+    loader = shared_loader()
+    for service in ("s3", "sts"):
+        loader.load_service_model(service, "service-2")
+        loader.load_service_model(service, "endpoint-rule-set-1")
+    for name in ("endpoints", "sdk-default-configuration", "_retry", "partitions"):
+        loader.load_data(name)
 
 
 def shared_loader() -> loaders.Loader:
@@ -107,6 +118,7 @@ class SharedClients:
                 entry.idle.set()
 
     async def _create(self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]]) -> SharedClient:
+        await anyio.to_thread.run_sync(_load_models)
         context = create()
         entry = SharedClient(await context.__aenter__())
         self._entries[key] = entry
