@@ -26,16 +26,16 @@ __all__ = ["PartPlan", "UploadOutcome", "part_size_for", "upload_object"]
 logger = logging.getLogger(__name__)
 
 # S3 allows 10,000 parts. The size of an object streamed from a generator is not known in advance, so the part
-# size doubles every 1,000 parts: 8 MiB parts then reach ~8 TiB, past S3's 5 TiB object limit, within 10,000.
+# size doubles every 900 parts: from any allowed size, 10,000 parts then reach past S3's 5 TiB object limit.
 MAX_PARTS = 10_000
-PARTS_PER_SIZE_STEP = 1_000
+PARTS_PER_SIZE_STEP = 900
 # An abort must finish even when the write was cancelled, but must not hang a shutdown either.
 ABORT_TIMEOUT_SECONDS = 60.0
 
 
 def part_size_for(part_number: int, base_part_size: int) -> int:
     """
-    Size of a part: ``base_part_size``, doubled every 1,000 parts, at most 5 GiB.
+    Size of a part: ``base_part_size``, doubled every 900 parts, at most 5 GiB.
 
     :param part_number: Number of the part, from 1.
     :param base_part_size: Size of the first parts.

@@ -1,0 +1,84 @@
+"""Deciding parts: sizes, the 10,000-part rule and chunks that straddle parts. No I/O here."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+
+import pytest
+
+from model_runner.sink.settings import MAX_PART_SIZE, MIN_PART_SIZE, MiB, SinkSettings
+from model_runner.sink.upload import MAX_PARTS, PartPlan, composite_crc32, part_size_for
+
+TiB = 1024 * 1024 * MiB
+
+
+def cut(plan: PartPlan, chunks: list[bytes]) -> list[tuple[int, bytes]]:
+    parts = []
+    for chunk in chunks:
+        parts += [(number, b"".join(pieces)) for number, pieces in plan.add(memoryview(chunk))]
+    last = plan.finish()
+    if last is not None:
+        parts.append((last[0], b"".join(last[1])))
+    return parts
+
+
+def test_chunks_are_cut_into_parts_of_the_planned_size_in_order() -> None:
+    chunks = [bytes([i]) * size for i, size in enumerate([3, 10, 1, 7, 25, 2])]
+    parts = cut(PartPlan(8), chunks)
+    assert [number for number, _ in parts] == [1, 2, 3, 4, 5, 6]
+    assert [len(body) for _, body in parts] == [8, 8, 8, 8, 8, 8]
+    assert b"".join(body for _, body in parts) == b"".join(chunks)
+
+
+def test_a_chunk_larger_than_several_parts_is_split_across_them() -> None:
+    chunk = bytes(range(256)) * 100
+    parts = cut(PartPlan(1000), [b"head", chunk, b"tail"])
+    assert [len(body) for _, body in parts] == [1000] * 25 + [608]
+    assert b"".join(body for _, body in parts) == b"head" + chunk + b"tail"
+
+
+def test_chunks_that_fill_parts_exactly_leave_no_empty_last_part() -> None:
+    parts = cut(PartPlan(4), [b"abcd", b"efgh"])
+    assert parts == [(1, b"abcd"), (2, b"efgh")]
+
+
+def test_part_sizes_stay_within_s3_limits_and_reach_s3s_largest_object_in_10000_parts() -> None:
+    base = SinkSettings().part_size
+    sizes = [part_size_for(number, base) for number in range(1, MAX_PARTS + 1)]
+    assert sizes[0] == base == 8 * MiB
+    assert all(MIN_PART_SIZE <= size <= MAX_PART_SIZE for size in sizes)
+    assert sizes == sorted(sizes)
+    # S3's largest object is 5 TiB; a stream of unknown length must fit in 10,000 parts.
+    assert sum(sizes) >= 5 * TiB
+    assert sum(part_size_for(number, MIN_PART_SIZE) for number in range(1, MAX_PARTS + 1)) >= 5 * TiB
+
+
+def test_a_stream_past_10000_parts_is_refused() -> None:
+    plan = PartPlan(1, number=MAX_PARTS)
+    with pytest.raises(ValueError, match="10,000 parts"):
+        plan.add(memoryview(b"x" * 10_000))
+
+
+def test_composite_checksum_is_the_crc32_of_the_part_crc32s() -> None:
+    bodies = [b"a" * 10, b"b" * 20, b"c"]
+    checksums = [base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode() for body in bodies]
+    raw = b"".join(zlib.crc32(body).to_bytes(4, "big") for body in bodies)
+    expected = base64.b64encode(zlib.crc32(raw).to_bytes(4, "big")).decode()
+    assert composite_crc32(checksums) == f"{expected}-3"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"part_size": 4 * MiB},
+        {"part_size": 6 * 1024 * MiB},
+        {"max_parts_in_flight": 0},
+        {"encode_call_seconds": 0},
+        {"sse_kms_key_id": "key"},
+        {"role_duration_seconds": 60},
+    ],
+)
+def test_settings_outside_s3s_limits_are_refused(options: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        SinkSettings(**options)  # type: ignore[arg-type]
