@@ -7,10 +7,8 @@ import contextlib
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
-from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
@@ -29,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Closing clients at exit must not hold the interpreter up if S3 is unreachable.
+# Closing connections at exit must not hold the interpreter up if S3 is unreachable.
 _EXIT_CLOSE_SECONDS = 5.0
 
 
@@ -43,7 +41,6 @@ class _LoopThread:
     def __init__(self) -> None:
         self._ready = threading.Event()
         self._portal: BlockingPortal | None = None
-        self.sinks: weakref.WeakSet[AsyncS3Sink] = weakref.WeakSet()
         self._thread = threading.Thread(target=self._run, name="model-runner-sink-loop", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -64,18 +61,10 @@ class _LoopThread:
         return self._portal.call(function, *args)
 
     def close(self) -> None:
-        async def close_all() -> None:
-            with anyio.move_on_after(_EXIT_CLOSE_SECONDS):
-                async with anyio.create_task_group() as task_group:
-                    for sink in list(self.sinks):
-                        task_group.start_soon(sink.aclose)
-
+        # Stopping the portal ends the loop, which cancels the tasks keeping shared clients: they close them.
         assert self._portal is not None
-        try:
-            self._portal.call(close_all)
+        with contextlib.suppress(RuntimeError):  # the loop has already stopped
             self._portal.call(self._portal.stop)
-        except RuntimeError:
-            pass  # the loop has already stopped
         self._thread.join(_EXIT_CLOSE_SECONDS)
 
 
@@ -155,7 +144,6 @@ class S3Sink(Sink):
             client_config=client_config,
             clock=clock,
         )
-        self._finalizer: weakref.finalize[[_LoopThread, AsyncS3Sink], S3Sink] | None = None
 
     def __repr__(self) -> str:
         return f"S3Sink(bucket={self.bucket!r}, prefix={self.prefix!r}, assumed_role={self.assumed_role!r})"
@@ -233,31 +221,5 @@ class S3Sink(Sink):
         """
         return self._call(self._sink.validate_s3_bucket)
 
-    def close(self) -> None:
-        """Close the sink's S3 client now rather than at exit. The sink can be used again afterwards."""
-        if self._finalizer is not None:
-            self._call(self._sink.aclose)
-
-    def __enter__(self) -> S3Sink:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
-
     def _call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
-        loop_thread = _shared_loop()
-        if self._finalizer is None:
-            loop_thread.sinks.add(self._sink)
-            # A sink dropped without close() still closes its connections.
-            self._finalizer = weakref.finalize(self, _close_later, loop_thread, self._sink)
-        return loop_thread.call(function, *args)
-
-
-def _close_later(loop_thread: _LoopThread, sink: AsyncS3Sink) -> None:
-    portal = loop_thread._portal
-    if portal is not None and _loop_thread is loop_thread:
-        # Finalised on the loop thread itself, or after the loop stopped: the exit handler closes it.
-        with contextlib.suppress(RuntimeError):
-            portal.start_task_soon(sink.aclose)
+        return _shared_loop().call(function, *args)

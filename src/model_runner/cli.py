@@ -1,0 +1,261 @@
+"""The ``model-runner-sink`` command: ``demo`` writes and verifies collections on an embedded S3 server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import orjson
+from botocore.exceptions import BotoCoreError, ClientError
+
+from model_runner.demo import MotoServer, synthetic_detections
+from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkError, WriteResult
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+__all__ = ["build_parser", "main"]
+
+Command = Callable[[argparse.Namespace], int]
+
+_BUCKET = "model-runner-demo"
+_PREFIX = "detections"
+_SMALL_FEATURES = 500
+_CONTENT_TYPE = "application/geo+json"
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One collection to write: which API writes it, and how to generate it."""
+
+    api: str
+    image_id: str
+    count: int
+    seed: int
+
+    def features(self) -> list[dict[str, Any]]:
+        """
+        :return: The collection's features, the same for the same job.
+        """
+        return list(synthetic_detections(self.count, seed=self.seed, image_id=self.image_id))
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What was written, remembered compactly so that large collections need not stay in memory."""
+
+    api: str
+    result: WriteResult
+    count: int
+    digest: str
+
+
+def _digest(features: list[Any]) -> str:
+    # orjson encodes equal content to equal bytes, so equal digests of the re-encoding mean equal features.
+    return hashlib.sha256(orjson.dumps(features)).hexdigest()
+
+
+def _record(job: _Job, result: WriteResult, features: list[dict[str, Any]]) -> _Written:
+    """
+    Print one write and remember it for verification.
+
+    :param job: The job written.
+    :param result: What the sink reported.
+    :param features: The features written.
+    :return: The record to verify the object against.
+    """
+    size = result.bytes / MB
+    print(
+        f"wrote   {job.api:<11} {result.key:<45} {result.features:>8} features {size:8.2f} MB "
+        f"{result.parts:>3} parts {result.seconds:7.2f} s {size / result.seconds:8.1f} MB/s"
+    )
+    return _Written(job.api, result, len(features), _digest(features))
+
+
+def _write_sync(bucket: str, endpoint_url: str, jobs: Sequence[_Job]) -> list[_Written]:
+    """
+    :param bucket: The bucket.
+    :param endpoint_url: The S3 endpoint.
+    :param jobs: The collections to write with :class:`S3Sink`.
+    :return: What was written.
+    """
+    written = []
+    with S3Sink(bucket, _PREFIX, endpoint_url=endpoint_url) as sink:
+        for job in jobs:
+            features = job.features()
+            written.append(_record(job, sink.write_with_result(job.image_id, features), features))
+    return written
+
+
+async def _write_async(bucket: str, endpoint_url: str, jobs: Sequence[_Job]) -> list[_Written]:
+    """
+    :param bucket: The bucket.
+    :param endpoint_url: The S3 endpoint.
+    :param jobs: The collections to write with :class:`AsyncS3Sink`.
+    :return: What was written.
+    """
+    written = []
+    async with AsyncS3Sink(bucket, _PREFIX, endpoint_url=endpoint_url) as sink:
+        for job in jobs:
+            features = job.features()
+            written.append(_record(job, await sink.write_with_result(job.image_id, features), features))
+    return written
+
+
+def _problems(s3: S3Client, bucket: str, written: _Written) -> list[str]:
+    """
+    :param s3: A boto3 S3 client.
+    :param bucket: The bucket.
+    :param written: What was written.
+    :return: How the stored object differs from what was written; empty if it does not.
+    """
+    key = written.result.key
+    response = s3.get_object(Bucket=bucket, Key=key)
+    body = response["Body"].read()
+    problems = []
+    if written.result.features != written.count:
+        problems.append(f"sink reported {written.result.features} features, {written.count} were written")
+    if len(body) != written.result.bytes:
+        problems.append(f"object is {len(body)} bytes, sink reported {written.result.bytes}")
+    if response.get("ContentType") != _CONTENT_TYPE:
+        problems.append(f"ContentType is {response.get('ContentType')!r}")
+    try:
+        collection = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        return [*problems, f"body is not JSON: {error}"]
+    features = collection.get("features") if isinstance(collection, dict) else None
+    if not isinstance(features, list) or collection.get("type") != "FeatureCollection":
+        problems.append("body is not a FeatureCollection")
+    elif len(features) != written.count:
+        problems.append(f"body holds {len(features)} features, {written.count} were written")
+    elif _digest(features) != written.digest:
+        problems.append("features differ from those written")
+    if s3.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads"):
+        problems.append("a multipart upload is left in progress")
+    return problems
+
+
+def _verify(s3: S3Client, bucket: str, written: _Written) -> bool:
+    """
+    Read an object back, compare it with what was written, and print the verdict.
+
+    :param s3: A boto3 S3 client.
+    :param bucket: The bucket.
+    :param written: What was written.
+    :return: `True` if the object is exactly what was written.
+    """
+    problems = _problems(s3, bucket, written)
+    verdict = "; ".join(problems) or f"{written.count} features equal, {_CONTENT_TYPE}, no upload left in progress"
+    print(f"{'FAILED' if problems else 'checked'} {written.api:<11} {written.result.key:<45} {verdict}")
+    return not problems
+
+
+def _jobs(large: int, seed: int) -> list[_Job]:
+    """
+    :param large: Features in the large collections.
+    :param seed: Seed of the first collection; the others follow it.
+    :return: A small and a large collection for each API, each for its own image.
+    """
+    shapes = [
+        (api, size, count)
+        for api in ("S3Sink", "AsyncS3Sink")
+        for size, count in (("small", _SMALL_FEATURES), ("large", large))
+    ]
+    return [
+        _Job(api, f"s3://imagery/scene-{seed}-{api.lower()}-{size}.tif", count, seed + index)
+        for index, (api, size, count) in enumerate(shapes)
+    ]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """
+    Write small and large collections through both sinks to an embedded S3 server, then read them back.
+
+    :param args: The parsed ``demo`` options.
+    :return: 0 if every object verified, else 1.
+    """
+    jobs = _jobs(args.features, args.seed)
+    try:
+        with MotoServer() as server:
+            server.apply_environment()
+            s3 = boto3.client("s3")
+            s3.create_bucket(Bucket=_BUCKET)
+            print(f"embedded S3 at {server.endpoint_url}, bucket {_BUCKET}")
+            # The endpoint is also passed explicitly: sinks share cached clients by configuration, so a client
+            # made for an earlier server in this process would otherwise be reused for this one.
+            sync_jobs = [job for job in jobs if job.api == "S3Sink"]
+            async_jobs = [job for job in jobs if job.api == "AsyncS3Sink"]
+            written = _write_sync(_BUCKET, server.endpoint_url, sync_jobs)
+            written += asyncio.run(_write_async(_BUCKET, server.endpoint_url, async_jobs))
+            failed = sum(not _verify(s3, _BUCKET, item) for item in written)
+    except (SinkError, FeatureEncodingError, BotoCoreError, ClientError, RuntimeError) as error:
+        print(f"demo failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"demo failed: {failed} of {len(written)} objects differ from what was written", file=sys.stderr)
+        return 1
+    print(f"all {len(written)} objects verified")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    """
+    :param text: A command-line value.
+    :return: It as a positive integer.
+    :raises argparse.ArgumentTypeError: If it is not one.
+    """
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """
+    :param commands: The subcommands to add ``demo`` to.
+    """
+    demo = commands.add_parser(
+        "demo",
+        help="write and verify collections on an embedded S3 server",
+        description="Write small and large collections through S3Sink and AsyncS3Sink to an embedded S3 server, "
+        "then read each back and check it holds exactly the features written.",
+    )
+    demo.add_argument(
+        "--features",
+        type=_positive_int,
+        default=100_000,
+        help="features in the large collections (default: %(default)s)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic detections (default: %(default)s)")
+    demo.set_defaults(command=run_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """
+    :return: The parser of the command line; each subcommand sets ``command`` to the function that runs it.
+    """
+    parser = argparse.ArgumentParser(
+        prog="model-runner-sink", description="Write GeoJSON detection results to Amazon S3."
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_demo(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Run the ``model-runner-sink`` command.
+
+    :param argv: The arguments, without the program name; by default ``sys.argv[1:]``.
+    :return: The exit status.
+    """
+    args = build_parser().parse_args(argv)
+    command: Command = args.command
+    return command(args)
