@@ -8,17 +8,13 @@ import hashlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import boto3
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from model_runner.demo import MotoServer, synthetic_detections
 from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkError, WriteResult
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
 
 __all__ = ["build_parser", "main"]
 
@@ -28,7 +24,7 @@ _BUCKET = "model-runner-demo"
 _PREFIX = "detections"
 _SMALL_FEATURES = 500
 _CONTENT_TYPE = "application/geo+json"
-MB = 1_000_000
+_MB = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +38,8 @@ class _Job:
 
     def features(self) -> list[dict[str, Any]]:
         """
+        Generate the collection.
+
         :return: The collection's features, the same for the same job.
         """
         return list(synthetic_detections(self.count, seed=self.seed, image_id=self.image_id))
@@ -71,59 +69,68 @@ def _record(job: _Job, result: WriteResult, features: list[dict[str, Any]]) -> _
     :param features: The features written.
     :return: The record to verify the object against.
     """
-    size = result.bytes / MB
+    size = result.bytes / _MB
     print(
-        f"wrote   {job.api:<11} {result.key:<45} {result.features:>8} features {size:8.2f} MB "
-        f"{result.parts:>3} parts {result.seconds:7.2f} s {size / result.seconds:8.1f} MB/s"
+        f"wrote   {job.api:<11} {result.key:<44} {result.features:>8} features {size:8.2f} MB "
+        f"{result.parts:>3} parts {result.seconds:7.2f} s {size / result.seconds:8.1f} MB/s",
+        flush=True,
     )
     return _Written(job.api, result, len(features), _digest(features))
 
 
-def _write_sync(bucket: str, endpoint_url: str, jobs: Sequence[_Job]) -> list[_Written]:
+def _write_sync(bucket: str, jobs: Sequence[_Job]) -> list[_Written]:
     """
+    Write collections through the synchronous facade, printing each write.
+
     :param bucket: The bucket.
-    :param endpoint_url: The S3 endpoint.
     :param jobs: The collections to write with :class:`S3Sink`.
     :return: What was written.
     """
+    # No close: S3Sink holds no connection of its own, its shared loop closes clients when the process exits.
+    sink = S3Sink(bucket, _PREFIX)
     written = []
-    with S3Sink(bucket, _PREFIX, endpoint_url=endpoint_url) as sink:
-        for job in jobs:
-            features = job.features()
-            written.append(_record(job, sink.write_with_result(job.image_id, features), features))
+    for job in jobs:
+        features = job.features()
+        written.append(_record(job, sink.write_with_result(job.image_id, features), features))
     return written
 
 
-async def _write_async(bucket: str, endpoint_url: str, jobs: Sequence[_Job]) -> list[_Written]:
+async def _write_async(bucket: str, jobs: Sequence[_Job]) -> list[_Written]:
     """
+    Write collections from asyncio, printing each write.
+
     :param bucket: The bucket.
-    :param endpoint_url: The S3 endpoint.
     :param jobs: The collections to write with :class:`AsyncS3Sink`.
     :return: What was written.
     """
     written = []
-    async with AsyncS3Sink(bucket, _PREFIX, endpoint_url=endpoint_url) as sink:
+    async with AsyncS3Sink(bucket, _PREFIX) as sink:
         for job in jobs:
             features = job.features()
             written.append(_record(job, await sink.write_with_result(job.image_id, features), features))
     return written
 
 
-def _problems(s3: S3Client, bucket: str, written: _Written) -> list[str]:
+def _problems(s3: Any, bucket: str, written: _Written) -> list[str]:
     """
+    Read an object back and compare it with what was written.
+
     :param s3: A boto3 S3 client.
     :param bucket: The bucket.
     :param written: What was written.
     :return: How the stored object differs from what was written; empty if it does not.
     """
     key = written.result.key
-    response = s3.get_object(Bucket=bucket, Key=key)
+    response = s3.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     body = response["Body"].read()
     problems = []
     if written.result.features != written.count:
         problems.append(f"sink reported {written.result.features} features, {written.count} were written")
     if len(body) != written.result.bytes:
         problems.append(f"object is {len(body)} bytes, sink reported {written.result.bytes}")
+    # S3 reports a checksum only for some objects (moto: multipart ones); when it does, it must be the sink's.
+    if response.get("ChecksumCRC32", written.result.checksum) != written.result.checksum:
+        problems.append(f"S3 reports CRC32 {response.get('ChecksumCRC32')}, sink reported {written.result.checksum}")
     if response.get("ContentType") != _CONTENT_TYPE:
         problems.append(f"ContentType is {response.get('ContentType')!r}")
     try:
@@ -142,7 +149,7 @@ def _problems(s3: S3Client, bucket: str, written: _Written) -> list[str]:
     return problems
 
 
-def _verify(s3: S3Client, bucket: str, written: _Written) -> bool:
+def _verify(s3: Any, bucket: str, written: _Written) -> bool:
     """
     Read an object back, compare it with what was written, and print the verdict.
 
@@ -153,24 +160,26 @@ def _verify(s3: S3Client, bucket: str, written: _Written) -> bool:
     """
     problems = _problems(s3, bucket, written)
     verdict = "; ".join(problems) or f"{written.count} features equal, {_CONTENT_TYPE}, no upload left in progress"
-    print(f"{'FAILED' if problems else 'checked'} {written.api:<11} {written.result.key:<45} {verdict}")
+    print(f"{'FAILED' if problems else 'checked':<7} {written.api:<11} {written.result.key:<44} {verdict}", flush=True)
     return not problems
 
 
 def _jobs(large: int, seed: int) -> list[_Job]:
     """
+    Plan the demo's writes.
+
     :param large: Features in the large collections.
     :param seed: Seed of the first collection; the others follow it.
     :return: A small and a large collection for each API, each for its own image.
     """
     shapes = [
-        (api, size, count)
-        for api in ("S3Sink", "AsyncS3Sink")
+        (api, kind, size, count)
+        for api, kind in (("S3Sink", "sync"), ("AsyncS3Sink", "async"))
         for size, count in (("small", _SMALL_FEATURES), ("large", large))
     ]
     return [
-        _Job(api, f"s3://imagery/scene-{seed}-{api.lower()}-{size}.tif", count, seed + index)
-        for index, (api, size, count) in enumerate(shapes)
+        _Job(api, f"s3://imagery/scene-{seed}-{kind}-{size}.tif", count, seed + index)
+        for index, (api, kind, size, count) in enumerate(shapes)
     ]
 
 
@@ -181,6 +190,9 @@ def run_demo(args: argparse.Namespace) -> int:
     :param args: The parsed ``demo`` options.
     :return: 0 if every object verified, else 1.
     """
+    # boto3 comes with the demo's extra (moto), not with the library.
+    import boto3
+
     jobs = _jobs(args.features, args.seed)
     try:
         with MotoServer() as server:
@@ -188,12 +200,10 @@ def run_demo(args: argparse.Namespace) -> int:
             s3 = boto3.client("s3")
             s3.create_bucket(Bucket=_BUCKET)
             print(f"embedded S3 at {server.endpoint_url}, bucket {_BUCKET}")
-            # The endpoint is also passed explicitly: sinks share cached clients by configuration, so a client
-            # made for an earlier server in this process would otherwise be reused for this one.
             sync_jobs = [job for job in jobs if job.api == "S3Sink"]
             async_jobs = [job for job in jobs if job.api == "AsyncS3Sink"]
-            written = _write_sync(_BUCKET, server.endpoint_url, sync_jobs)
-            written += asyncio.run(_write_async(_BUCKET, server.endpoint_url, async_jobs))
+            written = _write_sync(_BUCKET, sync_jobs)
+            written += asyncio.run(_write_async(_BUCKET, async_jobs))
             failed = sum(not _verify(s3, _BUCKET, item) for item in written)
     except (SinkError, FeatureEncodingError, BotoCoreError, ClientError, RuntimeError) as error:
         print(f"demo failed: {type(error).__name__}: {error}", file=sys.stderr)
@@ -207,11 +217,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _positive_int(text: str) -> int:
     """
+    Parse a count given on the command line.
+
     :param text: A command-line value.
     :return: It as a positive integer.
     :raises argparse.ArgumentTypeError: If it is not one.
     """
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
@@ -219,6 +234,8 @@ def _positive_int(text: str) -> int:
 
 def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """
+    Add the ``demo`` subcommand.
+
     :param commands: The subcommands to add ``demo`` to.
     """
     demo = commands.add_parser(
@@ -239,6 +256,8 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     """
+    Build the command-line parser. A subcommand is added by a function like :func:`_add_demo`.
+
     :return: The parser of the command line; each subcommand sets ``command`` to the function that runs it.
     """
     parser = argparse.ArgumentParser(

@@ -38,7 +38,21 @@ _MAX_KEY_BYTES = 1024
 # Answers that mean the bucket cannot be written at all: the seed reports them as False, not as an exception.
 _UNUSABLE_BUCKET_CODES = frozenset({"NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden"})
 
-_default_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AioSession] = weakref.WeakKeyDictionary()
+# The standard variables that decide where a session's clients go and who they are: sessions and clients are
+# reused only while these are unchanged, so a process that repoints them gets new ones.
+_ENVIRONMENT = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_DEFAULT_REGION",
+)
+_default_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str | None, ...], AioSession]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def object_key(prefix: str, image_id: str) -> str:
@@ -67,12 +81,16 @@ def _new_session() -> AioSession:
     return session
 
 
-def _default_session() -> AioSession:
+def _environment() -> tuple[str | None, ...]:
+    return tuple(os.environ.get(name) for name in _ENVIRONMENT)
+
+
+def _default_session(environment: tuple[str | None, ...]) -> AioSession:
     # A session caches credentials whose refresh lock belongs to one event loop: one session per loop.
-    loop = asyncio.get_running_loop()
-    session = _default_sessions.get(loop)
+    sessions = _default_sessions.setdefault(asyncio.get_running_loop(), {})
+    session = sessions.get(environment)
     if session is None:
-        session = _default_sessions[loop] = _new_session()
+        session = sessions[environment] = _new_session()
     return session
 
 
@@ -146,7 +164,7 @@ class AsyncS3Sink(AsyncSink):
         self.settings = settings or SinkSettings()
         self._endpoint_url = endpoint_url
         self._sts_endpoint_url = sts_endpoint_url
-        self._region_name = region_name or os.environ.get("AWS_REGION")
+        self._region_name = region_name
         self._client_config = client_config
         self._clock = clock
         self._bucket_identity = (bucket, self.settings.expected_bucket_owner)
@@ -306,8 +324,11 @@ class AsyncS3Sink(AsyncSink):
     async def _client(self) -> AsyncIterator[SharedClient]:
         # Clients are shared by the sinks of a loop configured alike, and taken per call, so a sink holds nothing
         # between writes and can be created per request, dropped without closing, or used from any loop.
-        source = _default_session()
-        region = self._region_name or source.get_config_variable("region") or "us-east-1"
+        environment = _environment()
+        source = _default_session(environment)
+        region = (
+            self._region_name or os.environ.get("AWS_REGION") or source.get_config_variable("region") or "us-east-1"
+        )
         credentials = None
         if self.assumed_role is not None:
             if not is_role_arn(self.assumed_role):
@@ -322,7 +343,7 @@ class AsyncS3Sink(AsyncSink):
             )
             credentials = assumed_role_credentials(role, source, clock=self._clock)
             await self._refresh_credentials(credentials)
-        key = (region, self._endpoint_url, self._config_key, credentials)
+        key = (region, self._endpoint_url, self._config_key, credentials, environment)
         registry = SharedClients.of_running_loop()
         shared = await registry.acquire(key, lambda: self._create_client(source, region, credentials))
         try:

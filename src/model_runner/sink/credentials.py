@@ -64,7 +64,7 @@ class _NoCache(dict[str, Any]):
         return False
 
 
-_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[AssumedRole, Clock], Any]] = (
+_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[AssumedRole, AioSession, Clock], Any]] = (
     weakref.WeakKeyDictionary()
 )
 _shared_lock = threading.Lock()
@@ -90,10 +90,10 @@ def assumed_role_credentials(
     loop = asyncio.get_running_loop()
     with _shared_lock:
         per_loop = _shared.setdefault(loop, {})
-        credentials = per_loop.get((role, clock))
+        key = (role, source_session, clock)
+        credentials = per_loop.get(key)
         if credentials is None:
-            credentials = _create(role, source_session, clock)
-            per_loop[(role, clock)] = credentials
+            credentials = per_loop[key] = _create(role, source_session, clock)
     return credentials
 
 
