@@ -30,7 +30,8 @@ from model_runner.sink.upload import upload_object
 
 __all__ = ["AsyncS3Sink", "object_key"]
 
-logger = logging.getLogger(__name__)
+# The seed documents ``model_runner.sink.s3_sink.logger``: both sinks log there, so configuring it covers them.
+logger = logging.getLogger("model_runner.sink.s3_sink")
 
 # What botocore accepts as a bucket name (legacy names included); the rest is left to S3 to judge.
 _BUCKET_NAME = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")
