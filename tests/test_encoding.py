@@ -7,7 +7,7 @@ import functools
 import math
 from collections.abc import AsyncIterator, Iterable
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import geojson
@@ -78,7 +78,7 @@ async def test_geojson_objects_encode_like_dicts() -> None:
 
 async def test_numpy_datetime_decimal_nan_and_geo_interface_values() -> None:
     class Shape:
-        __geo_interface__ = {"type": "Point", "coordinates": [3.0, 4.0]}
+        __geo_interface__: ClassVar[dict[str, Any]] = {"type": "Point", "coordinates": [3.0, 4.0]}
 
     when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
     feature = {
@@ -94,7 +94,7 @@ async def test_numpy_datetime_decimal_nan_and_geo_interface_values() -> None:
             "price": Decimal("1.25"),
             "nan": math.nan,
             "inf": -math.inf,
-            "text": "Rio de Janeiro – São Paulo 🛰",
+            "text": "Rio de Janeiro, São Paulo, 東京 🛰",
         },
     }
     body, _, _ = await encode([feature])
@@ -105,7 +105,7 @@ async def test_numpy_datetime_decimal_nan_and_geo_interface_values() -> None:
     assert properties["when"] == "2026-01-02T03:04:05+00:00" and properties["day"] == "2026-01-02"
     assert properties["price"] == 1.25
     assert properties["nan"] is None and properties["inf"] is None
-    assert properties["text"] == "Rio de Janeiro – São Paulo 🛰"
+    assert properties["text"] == "Rio de Janeiro, São Paulo, 東京 🛰"
 
 
 async def test_non_string_keys_are_written_as_strings() -> None:
@@ -126,7 +126,7 @@ async def test_unserialisable_value_names_the_feature_index(kind: str) -> None:
 
 
 async def test_a_feature_that_is_not_a_mapping_names_its_index() -> None:
-    with pytest.raises(FeatureEncodingError, match="feature 2 .*str"):
+    with pytest.raises(FeatureEncodingError, match=r"feature 2 .*str"):
         await encode([FEATURES[0], FEATURES[1], "not a feature"])
 
 
@@ -149,7 +149,10 @@ def test_batch_size_adapts_to_the_time_of_a_call() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
     max_leaves=12,
