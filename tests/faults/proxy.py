@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import http.client
 import random
+import re
 import socket
 import struct
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Literal, NamedTuple, get_args
 from urllib.parse import parse_qs, urlsplit
@@ -231,9 +233,19 @@ class FaultProxy:
     :param upstream: Base URL of the real server, such as ``MotoServer.endpoint_url``.
     :param seed: Seed of the generator that draws rule probabilities.
     :param host: Address to listen on.
+    :param sts_clock: When set, AssumeRole answers expire ``DurationSeconds`` after this clock's time rather than
+        the server's: STS with a shifted clock, so tests can move time for both sides.
     """
 
-    def __init__(self, upstream: str, *, seed: int | None = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        seed: int | None = 0,
+        host: str = "127.0.0.1",
+        sts_clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.sts_clock = sts_clock
         self.upstream = upstream.rstrip("/")
         self.host = host
         #: The listening port; kept across :meth:`stop` and :meth:`start` so a restarted proxy is the same endpoint.
@@ -242,6 +254,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._rules: list[Rule] = []
         self._log: list[Exchange] = []
+        self._query_bodies: list[tuple[str, bytes]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -386,6 +399,16 @@ class FaultProxy:
         with self._lock:
             return sum(1 for exchange in self._log if exchange.operation == operation)
 
+    def query_bodies(self, operation: str) -> list[bytes]:
+        """
+        The bodies relayed from upstream for a Query-protocol operation (STS...), to know what a client was told.
+
+        :param operation: Operation name, such as ``"AssumeRole"``.
+        :return: Response bodies, oldest first.
+        """
+        with self._lock:
+            return [body for name, body in self._query_bodies if name == operation]
+
     def reset_log(self) -> None:
         """Forget the requests seen so far."""
         with self._lock:
@@ -435,6 +458,12 @@ class FaultProxy:
                 response = _error(query_protocol, 500, "InternalError", message)
             else:
                 response, relayed = _relay_head(upstream), upstream.body
+                if operation == "AssumeRole" and self.sts_clock is not None and upstream.status == 200:
+                    relayed = _shift_expiration(relayed, body, self.sts_clock())
+                    response.headers["Content-Length"] = str(len(relayed))
+                if query_protocol:
+                    with self._lock:
+                        self._query_bodies.append((operation, relayed))
         self._record(operation, request, response.status)
         if action == "truncate":
             await response.prepare(request)
@@ -478,6 +507,12 @@ class FaultProxy:
             return _Upstream(502, "Bad Gateway", CIMultiDict({"Content-Type": "text/plain"}), text.encode())
         finally:
             connection.close()
+
+
+def _shift_expiration(answer: bytes, request_body: bytes, now: datetime) -> bytes:
+    duration = int(next(iter(parse_qs(request_body.decode()).get("DurationSeconds", [])), 3600))
+    expiration = (now + timedelta(seconds=duration)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return re.sub(rb"<Expiration>[^<]*</Expiration>", f"<Expiration>{expiration}</Expiration>".encode(), answer)
 
 
 def _is_query_request(request: web.Request, body: bytes) -> bool:
