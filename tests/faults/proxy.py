@@ -255,6 +255,12 @@ class FaultProxy:
         self._rules: list[Rule] = []
         self._log: list[Exchange] = []
         self._query_bodies: list[tuple[str, bytes]] = []
+        self._in_flight: dict[str, int] = {}
+        self._bytes_in_flight = 0
+        #: The most requests of each operation that were in the proxy at once.
+        self.peak_in_flight: dict[str, int] = {}
+        #: The most request body bytes, all operations together, that were in the proxy at once.
+        self.peak_bytes_in_flight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -433,6 +439,19 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         operation = classify(request.method, request.path, request.query, request.headers, body)
+        with self._lock:
+            self._in_flight[operation] = self._in_flight.get(operation, 0) + 1
+            self.peak_in_flight[operation] = max(self.peak_in_flight.get(operation, 0), self._in_flight[operation])
+            self._bytes_in_flight += len(body)
+            self.peak_bytes_in_flight = max(self.peak_bytes_in_flight, self._bytes_in_flight)
+        try:
+            return await self._answer(request, body, operation)
+        finally:
+            with self._lock:
+                self._in_flight[operation] -= 1
+                self._bytes_in_flight -= len(body)
+
+    async def _answer(self, request: web.Request, body: bytes, operation: str) -> web.StreamResponse:
         rule = self._choose(operation)
         action = rule.action if rule is not None else None
         if rule is not None and rule.delay > 0:

@@ -26,7 +26,7 @@ from model_runner.sink.exceptions import InvalidAssumedRoleException
 from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.sink import AsyncSink
-from model_runner.sink.upload import upload_object
+from model_runner.sink.upload import ByteBudget, upload_object
 
 __all__ = ["AsyncS3Sink", "object_key"]
 
@@ -171,6 +171,7 @@ class AsyncS3Sink(AsyncSink):
         self._bucket_identity = (bucket, self.settings.expected_bucket_owner)
         self._config_key = (
             self.settings.max_pool_connections,
+            self.settings.max_bytes_in_flight,
             self.settings.retry_mode,
             self.settings.max_attempts,
             repr(vars(client_config)) if client_config is not None else None,
@@ -268,7 +269,11 @@ class AsyncS3Sink(AsyncSink):
                 stats=stats,
             )
             async with aclosing(chunks):
-                outcome = await upload_object(shared.client, self.bucket, key, chunks, self.settings)
+                if shared.budget is None:
+                    shared.budget = ByteBudget(self.settings.max_bytes_in_flight)
+                outcome = await upload_object(
+                    shared.client, self.bucket, key, chunks, self.settings, budget=shared.budget
+                )
         seconds = time.perf_counter() - started
         logger.debug(
             "wrote s3://%s/%s",

@@ -13,6 +13,8 @@ from typing import Any
 import anyio.to_thread
 from botocore import loaders
 
+from model_runner.sink.upload import ByteBudget
+
 __all__ = ["IDLE_SECONDS", "SharedClient", "SharedClients", "shared_loader"]
 
 # A client outlives its last sink this long, so sinks created one after another reuse its connections.
@@ -55,6 +57,8 @@ class SharedClient:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     # Buckets a request has already reached through this client: checked once, not per write as the seed did.
     checked_buckets: set[Hashable] = field(default_factory=set)
+    # Bytes of request bodies that the writes through this client may hold at once.
+    budget: ByteBudget | None = None
 
 
 class SharedClients:

@@ -26,6 +26,8 @@ class SinkSettings:
         large that they would otherwise need more than 10,000 parts.
     :param multipart_threshold: A collection whose encoding reaches this many bytes is uploaded in parts.
     :param max_parts_in_flight: Parts of one write uploading at once.
+    :param max_bytes_in_flight: Bytes of request bodies held at once by all the writes of sinks that share a client
+        (sinks configured alike, on one event loop): with the part size, what bounds memory under load.
     :param max_pool_connections: HTTP connections the sink's S3 client keeps open.
     :param encode_batch_features: Features in the first batch given to orjson; later batches adapt.
     :param encode_call_seconds: Target duration of one orjson call. orjson holds the GIL for a whole call, so
@@ -47,6 +49,7 @@ class SinkSettings:
     part_size: int = 8 * MiB
     multipart_threshold: int = 8 * MiB
     max_parts_in_flight: int = 6
+    max_bytes_in_flight: int = 256 * MiB
     max_pool_connections: int = 32
     encode_batch_features: int = 256
     encode_call_seconds: float = 0.001
@@ -67,7 +70,7 @@ class SinkSettings:
             raise ValueError(f"part_size must be between 5 MiB and 5 GiB, not {self.part_size}")
         if self.multipart_threshold < 1:
             raise ValueError("multipart_threshold must be positive")
-        for name in ("max_parts_in_flight", "max_pool_connections", "encode_batch_features"):
+        for name in ("max_parts_in_flight", "max_bytes_in_flight", "max_pool_connections", "encode_batch_features"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.encode_call_seconds <= 0:

@@ -21,7 +21,7 @@ from model_runner.sink.settings import MAX_PART_SIZE, SinkSettings
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["PartPlan", "UploadOutcome", "part_size_for", "upload_object"]
+__all__ = ["ByteBudget", "PartPlan", "UploadOutcome", "part_size_for", "upload_object"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,44 @@ def part_size_for(part_number: int, base_part_size: int) -> int:
     :return: The size in bytes of that part (the last part of an upload may be shorter).
     """
     return int(min(base_part_size * 2 ** ((part_number - 1) // PARTS_PER_SIZE_STEP), MAX_PART_SIZE))
+
+
+class ByteBudget:
+    """
+    Bytes of request bodies that may be held at once by the uploads sharing it, e.g. every write of a sink.
+
+    A body larger than the whole budget still goes, alone, so no upload waits forever.
+
+    :param limit: The budget in bytes.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: list[anyio.Event] = []
+
+    async def acquire(self, size: int) -> None:
+        """
+        Wait until ``size`` bytes fit in the budget, and take them.
+
+        :param size: Bytes of the body about to be built.
+        """
+        while self.used and self.used + size > self.limit:
+            freed = anyio.Event()
+            self._waiters.append(freed)
+            await freed.wait()
+        self.used += size
+
+    def release(self, size: int) -> None:
+        """
+        Give bytes back once their body is sent or dropped.
+
+        :param size: Bytes taken by :meth:`acquire`.
+        """
+        self.used -= size
+        waiters, self._waiters = self._waiters, []
+        for freed in waiters:
+            freed.set()
 
 
 @dataclass
@@ -156,6 +194,7 @@ async def upload_object(
     *,
     metadata: dict[str, str] | None = None,
     on_part: Callable[[int, int], Awaitable[None] | None] | None = None,
+    budget: ByteBudget | None = None,
 ) -> UploadOutcome:
     """
     Store the concatenated chunks as one object, atomically: the object appears whole or not at all.
@@ -171,6 +210,7 @@ async def upload_object(
     :param settings: Part sizes, concurrency and object options.
     :param metadata: User metadata of the object.
     :param on_part: Called with ``(part number, part bytes)`` after each part is stored.
+    :param budget: Bytes of bodies this upload may hold, shared with others; a private one by default.
     :return: What S3 answered.
     :raises botocore.exceptions.ClientError: If S3 refuses a request after retries.
     :raises ChecksumMismatchError: If S3 stored other bytes than those sent.
@@ -178,6 +218,7 @@ async def upload_object(
     object_arguments: dict[str, Any] = settings.object_arguments()
     if metadata:
         object_arguments["Metadata"] = metadata
+    budget = budget or ByteBudget(settings.max_bytes_in_flight)
     pending: list[memoryview] = []
     pending_size = 0
     iterator = aiter(chunks)
@@ -185,11 +226,17 @@ async def upload_object(
         pending.append(chunk)
         pending_size += len(chunk)
         if pending_size >= settings.multipart_threshold:
-            return await _upload_parts(client, bucket, key, pending, iterator, settings, object_arguments, on_part)
-    body, size, checksum = await anyio.to_thread.run_sync(_seal, pending)
-    response = await client.put_object(
-        Bucket=bucket, Key=key, Body=body, ContentLength=size, ChecksumCRC32=checksum, **object_arguments
-    )
+            return await _upload_parts(
+                client, bucket, key, pending, iterator, settings, object_arguments, on_part, budget
+            )
+    await budget.acquire(pending_size)
+    try:
+        body, size, checksum = await anyio.to_thread.run_sync(_seal, pending)
+        response = await client.put_object(
+            Bucket=bucket, Key=key, Body=body, ContentLength=size, ChecksumCRC32=checksum, **object_arguments
+        )
+    finally:
+        budget.release(pending_size)
     _verify(response, checksum, key)
     return UploadOutcome(
         bytes=size,
@@ -210,6 +257,7 @@ async def _upload_parts(
     settings: SinkSettings,
     object_arguments: dict[str, Any],
     on_part: Callable[[int, int], Awaitable[None] | None] | None,
+    budget: ByteBudget,
 ) -> UploadOutcome:
     created = await client.create_multipart_upload(
         Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", **object_arguments
@@ -220,7 +268,7 @@ async def _upload_parts(
     stored: dict[int, dict[str, Any]] = {}
     slots = anyio.Semaphore(settings.max_parts_in_flight)
 
-    async def upload_part(number: int, pieces: list[memoryview]) -> None:
+    async def upload_part(number: int, pieces: list[memoryview], reserved: int) -> None:
         try:
             body, size, checksum = await anyio.to_thread.run_sync(_seal, pieces)
             pieces.clear()
@@ -242,12 +290,20 @@ async def _upload_parts(
                 if maybe_awaitable is not None:
                     await maybe_awaitable
         finally:
+            budget.release(reserved)
             slots.release()
 
     async def start(part: tuple[int, list[memoryview]], task_group: TaskGroup) -> None:
-        # Waiting for a slot before taking more chunks is what bounds memory: the encoder waits too.
+        # Waiting for a slot and for budget before taking more chunks is what bounds memory: the encoder waits too.
+        number, pieces = part
+        size = sum(len(piece) for piece in pieces)
         await slots.acquire()
-        task_group.start_soon(upload_part, *part)
+        try:
+            await budget.acquire(size)
+        except BaseException:
+            slots.release()
+            raise
+        task_group.start_soon(upload_part, number, pieces, size)
 
     try:
         try:
