@@ -75,6 +75,10 @@ _S3_BUCKET_SUBRESOURCES = {
 }
 
 
+# The operations whose bodies are object data, as opposed to small XML or form documents.
+_OBJECT_DATA = frozenset({"PutObject", "UploadPart"})
+
+
 class Exchange(NamedTuple):
     """One request seen by the proxy; compares equal to a plain ``(operation, method, path, status)`` tuple."""
 
@@ -259,7 +263,7 @@ class FaultProxy:
         self._bytes_in_flight = 0
         #: The most requests of each operation that were in the proxy at once.
         self.peak_in_flight: dict[str, int] = {}
-        #: The most request body bytes, all operations together, that were in the proxy at once.
+        #: The most object bytes (PutObject and UploadPart bodies together) that were in the proxy at once.
         self.peak_bytes_in_flight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -442,14 +446,14 @@ class FaultProxy:
         with self._lock:
             self._in_flight[operation] = self._in_flight.get(operation, 0) + 1
             self.peak_in_flight[operation] = max(self.peak_in_flight.get(operation, 0), self._in_flight[operation])
-            self._bytes_in_flight += len(body)
+            self._bytes_in_flight += len(body) if operation in _OBJECT_DATA else 0
             self.peak_bytes_in_flight = max(self.peak_bytes_in_flight, self._bytes_in_flight)
         try:
             return await self._answer(request, body, operation)
         finally:
             with self._lock:
                 self._in_flight[operation] -= 1
-                self._bytes_in_flight -= len(body)
+                self._bytes_in_flight -= len(body) if operation in _OBJECT_DATA else 0
 
     async def _answer(self, request: web.Request, body: bytes, operation: str) -> web.StreamResponse:
         rule = self._choose(operation)

@@ -34,8 +34,10 @@ __all__ = ["AsyncS3Sink", "object_key"]
 logger = logging.getLogger("model_runner.sink.s3_sink")
 
 # What botocore accepts as a bucket name (legacy names included); the rest is left to S3 to judge.
-_BUCKET_NAME = re.compile(r"^[a-zA-Z0-9.\-_]{1,255}$")
+_BUCKET_NAME = re.compile(r"^[a-zA-Z0-9.\-_]{3,255}$")
 _MAX_KEY_BYTES = 1024
+# The shortest name an image can add to the prefix: one character and ".geojson".
+_SHORTEST_NAME_BYTES = len("x.geojson")
 # Answers that mean the bucket cannot be written at all: the seed reports them as False, not as an exception.
 _UNUSABLE_BUCKET_CODES = frozenset({"NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden"})
 
@@ -71,9 +73,16 @@ def object_key(prefix: str, image_id: str) -> str:
     if not name:
         raise ValueError(f"image_id {image_id!r} has no file name to derive an object key from")
     key = posixpath.join(prefix, name + ".geojson")
-    if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
+    if _utf8_length(key, "image_id") > _MAX_KEY_BYTES:
         raise ValueError(f"object key for image_id {image_id!r} is longer than S3's 1,024 bytes")
     return key
+
+
+def _utf8_length(text: str, what: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} {text!r} cannot be an S3 key: it is not valid Unicode ({error.reason})") from None
 
 
 def _new_session() -> AioSession:
@@ -159,6 +168,8 @@ class AsyncS3Sink(AsyncSink):
             raise ValueError(f"{bucket!r} is not a valid S3 bucket name")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        if _utf8_length(prefix, "prefix") + 1 + _SHORTEST_NAME_BYTES > _MAX_KEY_BYTES:
+            raise ValueError("prefix leaves no room for a file name within S3's 1,024-byte keys")
         self.bucket = bucket
         self.prefix = prefix
         self.assumed_role = assumed_role
