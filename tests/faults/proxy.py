@@ -259,6 +259,7 @@ class FaultProxy:
         self._rules: list[Rule] = []
         self._log: list[Exchange] = []
         self._query_bodies: list[tuple[str, bytes]] = []
+        self._headers: list[tuple[str, CIMultiDict[str]]] = []
         self._in_flight: dict[str, int] = {}
         self._bytes_in_flight = 0
         #: The most requests of each operation that were in the proxy at once.
@@ -409,6 +410,16 @@ class FaultProxy:
         with self._lock:
             return sum(1 for exchange in self._log if exchange.operation == operation)
 
+    def header_values(self, name: str) -> list[tuple[str, str | None]]:
+        """
+        What each request so far carried in a header.
+
+        :param name: The header, such as ``"x-amz-expected-bucket-owner"``.
+        :return: ``(operation, value or None)`` for each request, oldest first.
+        """
+        with self._lock:
+            return [(operation, headers.get(name)) for operation, headers in self._headers]
+
     def query_bodies(self, operation: str) -> list[bytes]:
         """
         The bodies relayed from upstream for a Query-protocol operation (STS...), to know what a client was told.
@@ -423,6 +434,7 @@ class FaultProxy:
         """Forget the requests seen so far."""
         with self._lock:
             self._log.clear()
+            self._headers.clear()
 
     def _choose(self, operation: str) -> Rule | None:
         with self._lock:
@@ -500,6 +512,7 @@ class FaultProxy:
     def _record(self, operation: str, request: web.Request, status: int | None) -> None:
         with self._lock:
             self._log.append(Exchange(operation, request.method, request.path, status))
+            self._headers.append((operation, CIMultiDict(request.headers)))
 
     async def _forward(self, request: web.Request, body: bytes) -> _Upstream:
         assert self._upstream_pool is not None

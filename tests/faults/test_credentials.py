@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 from model_runner.demo import synthetic_detections
@@ -163,3 +164,42 @@ async def test_no_credential_appears_in_logs_reprs_or_errors(
     assert caplog.records
     for secret in [*secrets, "testing"]:
         assert secret not in seen
+
+
+def access_key_ids(proxy: FaultProxy, operation: str) -> list[str]:
+    keys = []
+    for name, authorization in proxy.header_values("Authorization"):
+        if name == operation and authorization:
+            keys.append(re.search(r"Credential=([^/]+)/", authorization).group(1))  # type: ignore[union-attr]
+    return keys
+
+
+async def test_credentials_expiring_mid_upload_are_refreshed_and_the_upload_completes(
+    proxy: FaultProxy, bucket: str, s3: Any
+) -> None:
+    from model_runner.sink import SinkSettings
+    from model_runner.sink.settings import MiB
+
+    clock = proxy.sts_clock = Clock()
+    # One slow part at a time, so the clock moves while the upload is under way.
+    proxy.add_rule(Rule({"UploadPart"}, "delay", delay=0.3))
+    settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_parts_in_flight=1)
+    features = list(synthetic_detections(30_000, seed=8))
+    sink = AsyncS3Sink(
+        bucket, "mid", ROLE, endpoint_url=proxy.url, sts_endpoint_url=proxy.url, settings=settings, clock=clock
+    )
+    async with anyio.create_task_group() as group:
+        group.start_soon(sink.write_with_result, "image", features)
+        while proxy.count("UploadPart") < 1:  # noqa: ASYNC110 - the proxy counts in its own thread
+            await anyio.sleep(0.01)
+        clock.offset = timedelta(minutes=58)
+    assert proxy.count("AssumeRole") == 2
+    first, second = (
+        re.search(r"<AccessKeyId>([^<]+)</AccessKeyId>", body.decode()).group(1)  # type: ignore[union-attr]
+        for body in proxy.query_bodies("AssumeRole")
+    )
+    parts = access_key_ids(proxy, "UploadPart")
+    assert parts[0] == first and parts[-1] == second
+    assert access_key_ids(proxy, "CompleteMultipartUpload") == [second]
+    stored = s3.get_object(Bucket=bucket, Key="mid/image.geojson")["Body"].read()
+    assert orjson.loads(stored)["features"] == features
