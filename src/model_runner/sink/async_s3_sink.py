@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanage
 from types import TracebackType
 from typing import Any
 
+import anyio
 from aiobotocore.session import AioSession
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
@@ -183,6 +184,7 @@ class AsyncS3Sink(AsyncSink):
         self._config_key = (
             self.settings.max_pool_connections,
             self.settings.max_bytes_in_flight,
+            self.settings.max_worker_threads,
             self.settings.retry_mode,
             self.settings.max_attempts,
             repr(vars(client_config)) if client_config is not None else None,
@@ -273,17 +275,25 @@ class AsyncS3Sink(AsyncSink):
         stats = EncodingStats()
         async with self._client() as shared:
             await self._check_bucket_once(shared)
+            if shared.budget is None or shared.limiter is None:
+                shared.budget = ByteBudget(self.settings.max_bytes_in_flight)
+                shared.limiter = anyio.CapacityLimiter(self.settings.max_worker_threads)
             chunks = encode_collection(
                 features,
                 batch_features=self.settings.encode_batch_features,
                 call_seconds=self.settings.encode_call_seconds,
+                limiter=shared.limiter,
                 stats=stats,
             )
             async with aclosing(chunks):
-                if shared.budget is None:
-                    shared.budget = ByteBudget(self.settings.max_bytes_in_flight)
                 outcome = await upload_object(
-                    shared.client, self.bucket, key, chunks, self.settings, budget=shared.budget
+                    shared.client,
+                    self.bucket,
+                    key,
+                    chunks,
+                    self.settings,
+                    budget=shared.budget,
+                    limiter=shared.limiter,
                 )
         seconds = time.perf_counter() - started
         logger.debug(

@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import anyio.to_thread
 from botocore import loaders
 
@@ -59,6 +60,8 @@ class SharedClient:
     checked_buckets: set[Hashable] = field(default_factory=set)
     # Bytes of request bodies that the writes through this client may hold at once.
     budget: ByteBudget | None = None
+    # Worker threads that the writes through this client may use at once.
+    limiter: anyio.CapacityLimiter | None = None
 
 
 class SharedClients:

@@ -124,9 +124,10 @@ async def _encoded_batches(
         data, count, seconds = await anyio.to_thread.run_sync(
             _pull_and_dumps, sync_iterator, batch_size, index, limiter=limiter
         )
-        if not count:
-            return
-        yield data, count, seconds
+        if count:
+            yield data, count, seconds
+        if count < batch_size:
+            return  # a short batch means the iterator is exhausted: no trip to a thread to find out
         index += count
         batch_size = _next_batch_size(batch_size, seconds, target_seconds)
 
@@ -134,7 +135,7 @@ async def _encoded_batches(
 async def encode_collection(
     features: FeatureSource,
     *,
-    batch_features: int = 256,
+    batch_features: int = 1000,
     call_seconds: float = 0.001,
     limiter: anyio.CapacityLimiter | None = None,
     stats: EncodingStats | None = None,

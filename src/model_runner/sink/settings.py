@@ -29,6 +29,8 @@ class SinkSettings:
     :param max_bytes_in_flight: Bytes of request bodies held at once by all the writes of sinks that share a client
         (sinks configured alike, on one event loop): with the part size, what bounds memory under load.
     :param max_pool_connections: HTTP connections the sink's S3 client keeps open.
+    :param max_worker_threads: Worker threads encoding and sealing bodies at once for the sinks that share a client.
+        orjson holds the GIL, so more threads only make the event loop wait longer for it.
     :param encode_batch_features: Features in the first batch given to orjson; later batches adapt.
     :param encode_call_seconds: Target duration of one orjson call. orjson holds the GIL for a whole call, so
         this bounds how long the event loop can wait on the encoder.
@@ -51,7 +53,8 @@ class SinkSettings:
     max_parts_in_flight: int = 6
     max_bytes_in_flight: int = 256 * MiB
     max_pool_connections: int = 32
-    encode_batch_features: int = 256
+    max_worker_threads: int = 2
+    encode_batch_features: int = 1000
     encode_call_seconds: float = 0.001
     acl: str | None = "bucket-owner-full-control"
     content_type: str = "application/geo+json"
@@ -70,7 +73,13 @@ class SinkSettings:
             raise ValueError(f"part_size must be between 5 MiB and 5 GiB, not {self.part_size}")
         if self.multipart_threshold < 1:
             raise ValueError("multipart_threshold must be positive")
-        for name in ("max_parts_in_flight", "max_bytes_in_flight", "max_pool_connections", "encode_batch_features"):
+        for name in (
+            "max_parts_in_flight",
+            "max_bytes_in_flight",
+            "max_pool_connections",
+            "max_worker_threads",
+            "encode_batch_features",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.encode_call_seconds <= 0:

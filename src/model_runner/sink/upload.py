@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 # size doubles every 900 parts: from any allowed size, 10,000 parts then reach past S3's 5 TiB object limit.
 MAX_PARTS = 10_000
 PARTS_PER_SIZE_STEP = 900
+# Copying and checksumming this much takes tens of microseconds: less than a trip to a worker thread.
+INLINE_SEAL_BYTES = 256 * 1024
 # An abort must finish even when the write was cancelled, but must not hang a shutdown either.
 ABORT_TIMEOUT_SECONDS = 60.0
 
@@ -195,6 +197,7 @@ async def upload_object(
     metadata: dict[str, str] | None = None,
     on_part: Callable[[int, int], Awaitable[None] | None] | None = None,
     budget: ByteBudget | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
 ) -> UploadOutcome:
     """
     Store the concatenated chunks as one object, atomically: the object appears whole or not at all.
@@ -211,6 +214,7 @@ async def upload_object(
     :param metadata: User metadata of the object.
     :param on_part: Called with ``(part number, part bytes)`` after each part is stored.
     :param budget: Bytes of bodies this upload may hold, shared with others; a private one by default.
+    :param limiter: Worker threads that seal bodies, shared with others; anyio's default by default.
     :return: What S3 answered.
     :raises botocore.exceptions.ClientError: If S3 refuses a request after retries.
     :raises ChecksumMismatchError: If S3 stored other bytes than those sent.
@@ -227,11 +231,14 @@ async def upload_object(
         pending_size += len(chunk)
         if pending_size >= settings.multipart_threshold:
             return await _upload_parts(
-                client, bucket, key, pending, iterator, settings, object_arguments, on_part, budget
+                client, bucket, key, pending, iterator, settings, object_arguments, on_part, budget, limiter
             )
     await budget.acquire(pending_size)
     try:
-        body, size, checksum = await anyio.to_thread.run_sync(_seal, pending)
+        if pending_size <= INLINE_SEAL_BYTES:
+            body, size, checksum = _seal(pending)
+        else:
+            body, size, checksum = await anyio.to_thread.run_sync(_seal, pending, limiter=limiter)
         response = await client.put_object(
             Bucket=bucket, Key=key, Body=body, ContentLength=size, ChecksumCRC32=checksum, **object_arguments
         )
@@ -258,6 +265,7 @@ async def _upload_parts(
     object_arguments: dict[str, Any],
     on_part: Callable[[int, int], Awaitable[None] | None] | None,
     budget: ByteBudget,
+    limiter: anyio.CapacityLimiter | None,
 ) -> UploadOutcome:
     created = await client.create_multipart_upload(
         Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", **object_arguments
@@ -270,7 +278,7 @@ async def _upload_parts(
 
     async def upload_part(number: int, pieces: list[memoryview], reserved: int) -> None:
         try:
-            body, size, checksum = await anyio.to_thread.run_sync(_seal, pieces)
+            body, size, checksum = await anyio.to_thread.run_sync(_seal, pieces, limiter=limiter)
             pieces.clear()
             response = await client.upload_part(
                 Bucket=bucket,
