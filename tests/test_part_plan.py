@@ -6,6 +6,8 @@ import base64
 import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model_runner.sink.settings import MAX_PART_SIZE, MIN_PART_SIZE, MiB, SinkSettings
 from model_runner.sink.upload import MAX_PARTS, PartPlan, composite_crc32, part_size_for
@@ -82,3 +84,13 @@ def test_composite_checksum_is_the_crc32_of_the_part_crc32s() -> None:
 def test_settings_outside_s3s_limits_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SinkSettings(**options)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=64), max_size=40), part_size=st.integers(1, 50))
+def test_any_chunks_cut_into_any_part_size_join_back_to_the_stream(chunks: list[bytes], part_size: int) -> None:
+    parts = cut(PartPlan(part_size), chunks)
+    assert b"".join(body for _, body in parts) == b"".join(chunks)
+    assert [number for number, _ in parts] == list(range(1, len(parts) + 1))
+    assert all(len(body) == part_size for _, body in parts[:-1])
+    assert all(0 < len(body) <= part_size for _, body in parts)
