@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import posixpath
 import re
 import time
-import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from collections.abc import AsyncIterable, Iterable, Mapping
+from contextlib import aclosing
 from types import TracebackType
-from typing import Any
 
-import anyio
-from aiobotocore.session import AioSession
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
+from botocore.exceptions import ClientError
 
 from model_runner.api import SinkMode, SinkType
-from model_runner.sink.clients import SharedClient, SharedClients, shared_loader
-from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, is_role_arn
+from model_runner.sink.clients import ClientOptions, SharedClient, shared_client
+from model_runner.sink.credentials import Clock
 from model_runner.sink.encoding import EncodingStats, FeatureSource, encode_collection
-from model_runner.sink.exceptions import InvalidAssumedRoleException
 from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.sink import AsyncSink
-from model_runner.sink.upload import ByteBudget, upload_object
+from model_runner.sink.upload import upload_object
 
 __all__ = ["AsyncS3Sink", "object_key"]
 
@@ -41,22 +34,6 @@ _MAX_KEY_BYTES = 1024
 _SHORTEST_NAME_BYTES = len("x.geojson")
 # Answers that mean the bucket cannot be written at all: the seed reports them as False, not as an exception.
 _UNUSABLE_BUCKET_CODES = frozenset({"NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden"})
-
-# The standard variables that decide where a session's clients go and who they are: sessions and clients are
-# reused only while these are unchanged, so a process that repoints them gets new ones.
-_ENVIRONMENT = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL_STS",
-    "AWS_PROFILE",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_DEFAULT_REGION",
-)
-_default_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str | None, ...], AioSession]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def object_key(prefix: str, image_id: str) -> str:
@@ -84,34 +61,6 @@ def _utf8_length(text: str, what: str) -> int:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError as error:
         raise ValueError(f"{what} {text!r} cannot be an S3 key: it is not valid Unicode ({error.reason})") from None
-
-
-def _new_session() -> AioSession:
-    session = AioSession()
-    session.register_component("data_loader", shared_loader())
-    return session
-
-
-def _environment() -> tuple[str | None, ...]:
-    return tuple(os.environ.get(name) for name in _ENVIRONMENT)
-
-
-def _default_session(environment: tuple[str | None, ...]) -> AioSession:
-    # A session caches credentials whose refresh lock belongs to one event loop: one session per loop.
-    sessions = _default_sessions.setdefault(asyncio.get_running_loop(), {})
-    session = sessions.get(environment)
-    if session is None:
-        session = sessions[environment] = _new_session()
-    return session
-
-
-def _configured(session: AioSession, variable: str, environment: str) -> bool:
-    if environment in os.environ:
-        return True
-    try:
-        return variable in session.get_scoped_config()
-    except ProfileNotFound:
-        return False
 
 
 def _check_features(features: object) -> None:
@@ -175,20 +124,16 @@ class AsyncS3Sink(AsyncSink):
         self.prefix = prefix
         self.assumed_role = assumed_role
         self.settings = settings or SinkSettings()
-        self._endpoint_url = endpoint_url
-        self._sts_endpoint_url = sts_endpoint_url
-        self._region_name = region_name
-        self._client_config = client_config
-        self._clock = clock
-        self._bucket_identity = (bucket, self.settings.expected_bucket_owner)
-        self._config_key = (
-            self.settings.max_pool_connections,
-            self.settings.max_bytes_in_flight,
-            self.settings.max_worker_threads,
-            self.settings.retry_mode,
-            self.settings.max_attempts,
-            repr(vars(client_config)) if client_config is not None else None,
+        self._client_options = ClientOptions(
+            settings=self.settings,
+            endpoint_url=endpoint_url,
+            sts_endpoint_url=sts_endpoint_url,
+            region_name=region_name,
+            client_config=client_config,
+            assumed_role=assumed_role,
+            clock=clock,
         )
+        self._bucket_identity = (bucket, self.settings.expected_bucket_owner)
 
     def __repr__(self) -> str:
         return f"AsyncS3Sink(bucket={self.bucket!r}, prefix={self.prefix!r}, assumed_role={self.assumed_role!r})"
@@ -273,11 +218,8 @@ class AsyncS3Sink(AsyncSink):
         _check_features(features)
         started = time.perf_counter()
         stats = EncodingStats()
-        async with self._client() as shared:
+        async with shared_client(self._client_options) as shared:
             await self._check_bucket_once(shared)
-            if shared.budget is None or shared.limiter is None:
-                shared.budget = ByteBudget(self.settings.max_bytes_in_flight)
-                shared.limiter = anyio.CapacityLimiter(self.settings.max_worker_threads)
             chunks = encode_collection(
                 features,
                 batch_features=self.settings.encode_batch_features,
@@ -330,7 +272,7 @@ class AsyncS3Sink(AsyncSink):
         :raises ClientError: If there are issues accessing the S3 bucket other than its absence or a denial.
         :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
         """
-        async with self._client() as shared:
+        async with shared_client(self._client_options) as shared:
             try:
                 await shared.client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
             except ClientError as error:
@@ -346,71 +288,3 @@ class AsyncS3Sink(AsyncSink):
             # Once per client, not per write as the seed did: later failures surface from the upload itself.
             await shared.client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
             shared.checked_buckets.add(self._bucket_identity)
-
-    @asynccontextmanager
-    async def _client(self) -> AsyncIterator[SharedClient]:
-        # Clients are shared by the sinks of a loop configured alike, and taken per call, so a sink holds nothing
-        # between writes and can be created per request, dropped without closing, or used from any loop.
-        environment = _environment()
-        source = _default_session(environment)
-        region = (
-            self._region_name or os.environ.get("AWS_REGION") or source.get_config_variable("region") or "us-east-1"
-        )
-        credentials = None
-        if self.assumed_role is not None:
-            if not is_role_arn(self.assumed_role):
-                raise InvalidAssumedRoleException(self.assumed_role, "not an IAM role ARN")
-            role = AssumedRole(
-                role_arn=self.assumed_role,
-                session_name=self.settings.role_session_name,
-                duration_seconds=self.settings.role_duration_seconds,
-                refresh_seconds=self.settings.credential_refresh_seconds,
-                region_name=region,
-                sts_endpoint_url=self._sts_endpoint_url,
-            )
-            credentials = assumed_role_credentials(role, source, clock=self._clock)
-            await self._refresh_credentials(credentials)
-        key = (region, self._endpoint_url, self._config_key, credentials, environment)
-        registry = SharedClients.of_running_loop()
-        shared = await registry.acquire(key, lambda: self._create_client(source, region, credentials))
-        try:
-            yield shared
-        finally:
-            registry.release(key)
-
-    def _create_client(self, source: AioSession, region: str, credentials: Any) -> AbstractAsyncContextManager[Any]:
-        session = source
-        if credentials is not None:
-            session = _new_session()
-            # botocore has no public setter for refreshable credentials; its own assume-role provider does this.
-            session._credentials = credentials  # type: ignore[attr-defined]
-        return session.create_client(
-            "s3", region_name=region, endpoint_url=self._endpoint_url, config=self._config(source)
-        )
-
-    async def _refresh_credentials(self, credentials: Any) -> None:
-        # Refreshing here, before a write, keeps request signing from meeting an expired or denied role mid-upload.
-        try:
-            await credentials.get_frozen_credentials()
-        except (ClientError, BotoCoreError) as error:
-            code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
-            raise InvalidAssumedRoleException(str(self.assumed_role), code or type(error).__name__) from error
-
-    def _config(self, session: AioSession) -> Config:
-        retries: dict[str, Any] = {}
-        if self.settings.retry_mode is not None:
-            retries["mode"] = self.settings.retry_mode
-        elif not _configured(session, "retry_mode", "AWS_RETRY_MODE"):
-            retries["mode"] = "standard"
-        if self.settings.max_attempts is not None:
-            retries["total_max_attempts"] = self.settings.max_attempts
-        config = Config(
-            retries=retries or None,  # type: ignore[arg-type]
-            max_pool_connections=self.settings.max_pool_connections,
-            # Checksums are computed in worker threads and sent with each request; botocore would hash the body
-            # again on the event loop, and sign it with SHA-256 over plain HTTP.
-            s3={"payload_signing_enabled": False},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        return config.merge(self._client_config) if self._client_config is not None else config

@@ -3,65 +3,142 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import weakref
-from collections.abc import Callable, Hashable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Hashable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.to_thread
+from aiobotocore.session import AioSession
 from botocore import loaders
+from botocore.config import Config
+from botocore.exceptions import ProfileNotFound
 
+from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, refresh
+from model_runner.sink.settings import SinkSettings
 from model_runner.sink.upload import ByteBudget
 
-__all__ = ["IDLE_SECONDS", "SharedClient", "SharedClients", "shared_loader"]
+__all__ = ["IDLE_SECONDS", "ClientOptions", "SharedClient", "SharedClients", "shared_client"]
 
 # A client outlives its last sink this long, so sinks created one after another reuse its connections.
 IDLE_SECONDS = 30.0
 
+# The standard variables that decide where a session's clients go and who they are: sessions and clients are
+# reused only while these are unchanged, so a process that repoints them gets new ones.
+_ENVIRONMENT = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
 _loader_lock = threading.Lock()
 _loader: loaders.Loader | None = None
+_default_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str | None, ...], AioSession]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _load_models() -> None:
-    # Parsing these JSON files takes ~60 ms, which would stall the event loop on the first client creation.
-    loader = shared_loader()
-    for service in ("s3", "sts"):
-        loader.load_service_model(service, "service-2")
-        loader.load_service_model(service, "endpoint-rule-set-1")
-    for name in ("endpoints", "sdk-default-configuration", "_retry", "partitions"):
-        loader.load_data(name)
-
-
-def shared_loader() -> loaders.Loader:
+@dataclass(frozen=True)
+class ClientOptions:
     """
-    One botocore loader for every session: the S3 model costs tens of milliseconds to load, once per process.
+    Everything of a sink that decides its S3 client: sinks with equal options share one.
 
-    :return: The process's loader.
+    :param settings: The sink's settings.
+    :param endpoint_url: S3 endpoint, or `None` for the standard configuration.
+    :param sts_endpoint_url: STS endpoint for ``assumed_role``, or `None` for the standard configuration.
+    :param region_name: Region, or `None` for ``AWS_REGION``, then the standard configuration, then us-east-1.
+    :param client_config: A botocore config merged over the sink's own.
+    :param assumed_role: The role to assume, if any.
+    :param clock: What time it is, for credential expiry.
     """
-    global _loader
-    with _loader_lock:
-        if _loader is None:
-            _loader = loaders.create_loader()
-        return _loader
+
+    settings: SinkSettings
+    endpoint_url: str | None = None
+    sts_endpoint_url: str | None = None
+    region_name: str | None = None
+    client_config: Config | None = field(default=None, compare=False)
+    assumed_role: str | None = None
+    clock: Clock | None = None
+    # botocore's Config is not hashable: its options stand in for it.
+    client_config_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.client_config is not None and self.client_config_key is None:
+            object.__setattr__(self, "client_config_key", repr(vars(self.client_config)))
 
 
 @dataclass
 class SharedClient:
-    """A client and what is known of it."""
+    """A client and what the writes through it share."""
 
     client: Any
+    # Bytes of request bodies that the writes through this client may hold at once.
+    budget: ByteBudget
+    # Worker threads that the writes through this client may use at once.
+    limiter: anyio.CapacityLimiter
+    # Buckets a request has already reached through this client: checked once, not per write as the seed did.
+    checked_buckets: set[Hashable] = field(default_factory=set)
     users: int = 0
     taken: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    # Buckets a request has already reached through this client: checked once, not per write as the seed did.
-    checked_buckets: set[Hashable] = field(default_factory=set)
-    # Bytes of request bodies that the writes through this client may hold at once.
-    budget: ByteBudget | None = None
-    # Worker threads that the writes through this client may use at once.
-    limiter: anyio.CapacityLimiter | None = None
+
+
+@asynccontextmanager
+async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
+    """
+    Take the client of this event loop for these options, and give it back after.
+
+    Clients are taken per call, so a sink holds nothing between writes and can be created per request, dropped
+    without closing, or used from any loop. Assumed-role credentials are refreshed here when near expiry.
+
+    :param options: The sink's options.
+    :return: The shared client.
+    :raises InvalidAssumedRoleException: If the role cannot be assumed.
+    """
+    environment = tuple(os.environ.get(name) for name in _ENVIRONMENT)
+    source = _default_session(environment)
+    region = options.region_name or os.environ.get("AWS_REGION") or source.get_config_variable("region")
+    region = region or "us-east-1"
+    credentials = None
+    if options.assumed_role is not None:
+        role = AssumedRole(
+            role_arn=options.assumed_role,
+            session_name=options.settings.role_session_name,
+            duration_seconds=options.settings.role_duration_seconds,
+            refresh_seconds=options.settings.credential_refresh_seconds,
+            region_name=region,
+            sts_endpoint_url=options.sts_endpoint_url,
+        )
+        credentials = assumed_role_credentials(role, source, clock=options.clock)
+        await refresh(credentials, options.assumed_role)
+    key = (options, region, credentials, environment)
+    registry = SharedClients.of_running_loop()
+
+    def create() -> AbstractAsyncContextManager[Any]:
+        session = source
+        if credentials is not None:
+            session = _new_session()
+            # botocore has no public setter for refreshable credentials; its own assume-role provider does this.
+            session._credentials = credentials  # type: ignore[attr-defined]
+        return session.create_client(
+            "s3", region_name=region, endpoint_url=options.endpoint_url, config=_client_config(options, source)
+        )
+
+    shared = await registry.acquire(key, create, options.settings)
+    try:
+        yield shared
+    finally:
+        registry.release(key)
 
 
 class SharedClients:
@@ -91,13 +168,16 @@ class SharedClients:
             registry = _registries[loop] = SharedClients()
         return registry
 
-    async def acquire(self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]]) -> SharedClient:
+    async def acquire(
+        self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]], settings: SinkSettings
+    ) -> SharedClient:
         """
         Take the client for a configuration, creating it if needed; concurrent first takers share one creation.
 
         :param key: What makes two configurations the same.
         :param create: Makes the client's async context manager, e.g. ``session.create_client(...)``.
-        :return: The client (``.client``) and what is known of it; give it back with :meth:`release`.
+        :param settings: Size the byte budget and the thread limiter of a new client.
+        :return: The client and what is shared through it; give it back with :meth:`release`.
         """
         entry = self._entries.get(key)
         if entry is None:
@@ -105,7 +185,7 @@ class SharedClients:
             async with self._lock:
                 entry = self._entries.get(key)
                 if entry is None:
-                    entry = await self._create(key, create)
+                    entry = await self._create(key, create, settings)
         entry.users += 1
         entry.idle.clear()
         entry.taken.set()
@@ -124,10 +204,16 @@ class SharedClients:
                 entry.taken.clear()
                 entry.idle.set()
 
-    async def _create(self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]]) -> SharedClient:
+    async def _create(
+        self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]], settings: SinkSettings
+    ) -> SharedClient:
         await anyio.to_thread.run_sync(_load_models)
         context = create()
-        entry = SharedClient(await context.__aenter__())
+        entry = SharedClient(
+            await context.__aenter__(),
+            budget=ByteBudget(settings.max_bytes_in_flight),
+            limiter=anyio.CapacityLimiter(settings.max_worker_threads),
+        )
         self._entries[key] = entry
         keeper = asyncio.get_running_loop().create_task(self._keep(key, entry, context))
         self._keepers.add(keeper)
@@ -149,3 +235,67 @@ class SharedClients:
 
 
 _registries: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedClients] = weakref.WeakKeyDictionary()
+
+
+def _load_models() -> None:
+    # Parsing these JSON files takes ~60 ms, which would stall the event loop on the first client creation.
+    loader = _shared_loader()
+    for service in ("s3", "sts"):
+        loader.load_service_model(service, "service-2")
+        loader.load_service_model(service, "endpoint-rule-set-1")
+    for name in ("endpoints", "sdk-default-configuration", "_retry", "partitions"):
+        loader.load_data(name)
+
+
+def _shared_loader() -> loaders.Loader:
+    # One loader for every session: the S3 model costs tens of milliseconds to load, once per process.
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = loaders.create_loader()
+        return _loader
+
+
+def _new_session() -> AioSession:
+    session = AioSession()
+    session.register_component("data_loader", _shared_loader())
+    return session
+
+
+def _default_session(environment: tuple[str | None, ...]) -> AioSession:
+    # A session caches credentials whose refresh lock belongs to one event loop: one session per loop.
+    sessions = _default_sessions.setdefault(asyncio.get_running_loop(), {})
+    session = sessions.get(environment)
+    if session is None:
+        session = sessions[environment] = _new_session()
+    return session
+
+
+def _configured(session: AioSession, variable: str, environment: str) -> bool:
+    if environment in os.environ:
+        return True
+    try:
+        return variable in session.get_scoped_config()
+    except ProfileNotFound:
+        return False
+
+
+def _client_config(options: ClientOptions, session: AioSession) -> Config:
+    settings = options.settings
+    retries: dict[str, Any] = {}
+    if settings.retry_mode is not None:
+        retries["mode"] = settings.retry_mode
+    elif not _configured(session, "retry_mode", "AWS_RETRY_MODE"):
+        retries["mode"] = "standard"
+    if settings.max_attempts is not None:
+        retries["total_max_attempts"] = settings.max_attempts
+    config = Config(
+        retries=retries or None,  # type: ignore[arg-type]
+        max_pool_connections=settings.max_pool_connections,
+        # Checksums are computed in worker threads and sent with each request; botocore would hash the body
+        # again on the event loop, and sign it with SHA-256 over plain HTTP.
+        s3={"payload_signing_enabled": False},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return config.merge(options.client_config) if options.client_config is not None else config

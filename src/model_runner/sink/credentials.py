@@ -15,8 +15,11 @@ from typing import Any
 from aiobotocore.credentials import AioAssumeRoleCredentialFetcher, AioDeferredRefreshableCredentials
 from aiobotocore.session import AioSession
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
-__all__ = ["AssumedRole", "assumed_role_credentials", "is_role_arn"]
+from model_runner.sink.exceptions import InvalidAssumedRoleException
+
+__all__ = ["AssumedRole", "assumed_role_credentials", "is_role_arn", "refresh"]
 
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 
@@ -85,7 +88,10 @@ def assumed_role_credentials(
     :param source_session: The session whose credentials call AssumeRole.
     :param clock: What time it is, for tests and simulations; the local clock by default.
     :return: Refreshable credentials, for ``AioSession._credentials`` or to get frozen credentials from.
+    :raises InvalidAssumedRoleException: If ``role.role_arn`` is not an IAM role ARN.
     """
+    if not is_role_arn(role.role_arn):
+        raise InvalidAssumedRoleException(role.role_arn, "not an IAM role ARN")
     clock = clock or _local_now
     loop = asyncio.get_running_loop()
     with _shared_lock:
@@ -95,6 +101,23 @@ def assumed_role_credentials(
         if credentials is None:
             credentials = per_loop[key] = _create(role, source_session, clock)
     return credentials
+
+
+async def refresh(credentials: AioDeferredRefreshableCredentials, role_arn: str) -> None:
+    """
+    Make sure credentials are fresh, fetching them if they are near expiry.
+
+    Called before a write, so that request signing never meets an expired or denied role mid-upload.
+
+    :param credentials: Credentials from :func:`assumed_role_credentials`.
+    :param role_arn: The role they are for, to name in an error.
+    :raises InvalidAssumedRoleException: If the role cannot be assumed; denials are not retried.
+    """
+    try:
+        await credentials.get_frozen_credentials()
+    except (ClientError, BotoCoreError) as error:
+        code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
+        raise InvalidAssumedRoleException(role_arn, code or type(error).__name__) from error
 
 
 def _create(role: AssumedRole, source_session: AioSession, clock: Clock) -> AioDeferredRefreshableCredentials:
