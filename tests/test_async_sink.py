@@ -14,6 +14,7 @@ import anyio.lowlevel
 import geojson
 import orjson
 import pytest
+from bad_inputs import NOT_COLLECTIONS
 from botocore.exceptions import ClientError
 
 from model_runner.demo import synthetic_detections
@@ -195,17 +196,7 @@ async def test_acl_setting(bucket: str, s3: Any) -> None:
     assert all_users_permissions("out/default.geojson") == []
 
 
-@pytest.mark.parametrize(
-    "features",
-    [
-        pytest.param(None, id="None"),
-        pytest.param(5, id="int"),
-        pytest.param("features", id="str"),
-        pytest.param(b"features", id="bytes"),
-        pytest.param({"type": "Feature", "geometry": None, "properties": {}}, id="dict"),
-        pytest.param(geojson.FeatureCollection([]), id="FeatureCollection"),
-    ],
-)
+@pytest.mark.parametrize("features", NOT_COLLECTIONS)
 async def test_features_not_a_collection(
     bucket: str,
     stored_keys: Callable[[], list[str]],

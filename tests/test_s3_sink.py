@@ -17,6 +17,7 @@ import anyio.to_thread
 import geojson
 import orjson
 import pytest
+from bad_inputs import NOT_COLLECTIONS
 
 from model_runner.demo import synthetic_detections
 from model_runner.sink import FeatureEncodingError, InvalidAssumedRoleException, S3Sink, SinkSettings
@@ -109,18 +110,7 @@ def test_geojson_objects(bucket: str, read_object: Callable[[str], bytes]) -> No
     assert stored["features"][0]["geometry"] == {"type": "Point", "coordinates": [-43.2, -22.9]}
 
 
-@pytest.mark.parametrize(
-    "features",
-    [
-        pytest.param(None, id="None"),
-        pytest.param(5, id="int"),
-        pytest.param("features", id="str"),
-        pytest.param(b"features", id="bytes"),
-        pytest.param({"type": "Feature", "geometry": None, "properties": {}}, id="dict"),
-        pytest.param(geojson.FeatureCollection([]), id="FeatureCollection"),
-        pytest.param(object(), id="object"),
-    ],
-)
+@pytest.mark.parametrize("features", NOT_COLLECTIONS)
 def test_features_not_a_collection(bucket: str, stored_keys: Callable[[], list[str]], features: Any) -> None:
     sink = S3Sink(bucket, "out")
     with pytest.raises(TypeError):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from bad_inputs import NOT_COLLECTIONS
 
 from model_runner.demo import synthetic_detections
 from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkSettings
@@ -35,7 +36,7 @@ async def test_an_image_id_with_no_file_name_is_refused_before_any_request(
     assert proxy.log == []
 
 
-@pytest.mark.parametrize("features", [None, 5, 2.5, "features", b"bytes", {"type": "FeatureCollection"}])
+@pytest.mark.parametrize("features", NOT_COLLECTIONS)
 async def test_features_that_are_not_a_collection_are_refused_before_any_request(
     proxy: FaultProxy, bucket: str, features: Any
 ) -> None:

@@ -70,7 +70,7 @@ class ClientOptions:
     assumed_role: str | None = None
     clock: Clock | None = None
     # botocore's Config is not hashable: its options stand in for it.
-    client_config_key: str | None = None
+    client_config_key: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.client_config is not None and self.client_config_key is None:
