@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import sys
 import zlib
 
 import pytest
@@ -10,7 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_runner.sink.settings import MAX_PART_SIZE, MIN_PART_SIZE, MiB, SinkSettings
-from model_runner.sink.upload import MAX_PARTS, PartPlan, composite_crc32, part_size_for
+from model_runner.sink.upload import MAX_PARTS, PartPlan, _single_error, composite_crc32, part_size_for
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 TiB = 1024 * 1024 * MiB
 
@@ -94,3 +98,13 @@ def test_any_chunks_cut_into_any_part_size_join_back_to_the_stream(chunks: list[
     assert [number for number, _ in parts] == list(range(1, len(parts) + 1))
     assert all(len(body) == part_size for _, body in parts[:-1])
     assert all(0 < len(body) <= part_size for _, body in parts)
+
+
+def test_parts_failing_together_raise_the_first_error_itself() -> None:
+    # Parts in flight often fail at once for one cause; callers catch the ClientError, not a task group's wrapper.
+    first, second = ValueError("part 1"), ValueError("part 2")
+    nested = BaseExceptionGroup("parts", [KeyboardInterrupt(), ExceptionGroup("inner", [first, second])])
+    assert _single_error(nested) is first
+    assert _single_error(BaseExceptionGroup("parts", [second, first])) is second
+    only_cancelled = BaseExceptionGroup("parts", [KeyboardInterrupt()])
+    assert isinstance(_single_error(only_cancelled), KeyboardInterrupt)

@@ -179,12 +179,22 @@ def _verify(response: dict[str, Any], expected: str, key: str) -> None:
 
 
 def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    # A task group wraps even one failure; callers expect the ClientError (or cancellation) itself.
-    errors = group.exceptions
-    while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
-        errors = errors[0].exceptions
-    single: BaseException = errors[0] if len(errors) == 1 else group
-    return single
+    # A task group wraps its failures; callers expect the ClientError (or cancellation) itself, as documented.
+    # Parts in flight often fail together for one cause (a refused UploadPart, a dead endpoint): the first real
+    # error stands for them all, and cancellations of the sibling parts are only the consequence.
+    errors = _flatten(group)
+    chosen = next((error for error in errors if isinstance(error, Exception)), errors[0])
+    others = len(errors) - 1
+    if others:
+        logger.debug("%d more part error(s) after %r", others, chosen)
+    return chosen
+
+
+def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    errors: list[BaseException] = []
+    for error in group.exceptions:
+        errors.extend(_flatten(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return errors
 
 
 async def upload_object(
