@@ -9,6 +9,7 @@ from model_runner.sink.exceptions import (
     InvalidAssumedRoleException,
     SinkError,
 )
+from model_runner.sink.metrics import OpenTelemetryMetrics, SinkMetrics
 from model_runner.sink.results import WriteResult
 from model_runner.sink.s3_sink import S3Sink
 from model_runner.sink.settings import SinkSettings
@@ -20,9 +21,11 @@ __all__ = [
     "ChecksumMismatchError",
     "FeatureEncodingError",
     "InvalidAssumedRoleException",
+    "OpenTelemetryMetrics",
     "S3Sink",
     "Sink",
     "SinkError",
+    "SinkMetrics",
     "SinkSettings",
     "WriteResult",
 ]

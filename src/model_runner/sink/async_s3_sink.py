@@ -6,10 +6,12 @@ import logging
 import posixpath
 import re
 import time
-from collections.abc import AsyncIterable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from contextlib import aclosing
 from types import TracebackType
+from typing import Any, TypeAlias
 
+import anyio
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
@@ -17,12 +19,16 @@ from model_runner.api import SinkMode, SinkType
 from model_runner.sink.clients import ClientOptions, SharedClient, shared_client
 from model_runner.sink.credentials import Clock
 from model_runner.sink.encoding import EncodingStats, FeatureSource, encode_collection
+from model_runner.sink.metrics import SinkMetrics, error_type
 from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.sink import AsyncSink
 from model_runner.sink.upload import upload_object
 
-__all__ = ["AsyncS3Sink", "object_key"]
+__all__ = ["AsyncS3Sink", "ProgressCallback", "object_key"]
+
+ProgressCallback: TypeAlias = Callable[[int, int], object]
+"""Called with ``(bytes_done, features_done)`` as a write advances."""
 
 # The seed documents ``model_runner.sink.s3_sink.logger``: both sinks log there, so configuring it covers them.
 logger = logging.getLogger("model_runner.sink.s3_sink")
@@ -99,6 +105,8 @@ class AsyncS3Sink(AsyncSink):
     :param region_name: Region; by default ``AWS_REGION``, then the standard configuration, then us-east-1.
     :param client_config: A botocore config merged over the sink's own.
     :param clock: What time it is, for credential expiry; for tests and simulations.
+    :param metrics: Hooks told of every write, part and retry, e.g.
+        :class:`~model_runner.sink.metrics.OpenTelemetryMetrics`; none by default.
     """
 
     def __init__(
@@ -113,6 +121,7 @@ class AsyncS3Sink(AsyncSink):
         region_name: str | None = None,
         client_config: Config | None = None,
         clock: Clock | None = None,
+        metrics: SinkMetrics | None = None,
     ) -> None:
         if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
             raise ValueError(f"{bucket!r} is not a valid S3 bucket name")
@@ -134,6 +143,7 @@ class AsyncS3Sink(AsyncSink):
             clock=clock,
         )
         self._bucket_identity = (bucket, self.settings.expected_bucket_owner)
+        self._metrics = metrics
 
     def __repr__(self) -> str:
         return f"AsyncS3Sink(bucket={self.bucket!r}, prefix={self.prefix!r}, assumed_role={self.assumed_role!r})"
@@ -180,13 +190,23 @@ class AsyncS3Sink(AsyncSink):
         alike closes once unused for 30 s, or when the event loop shuts down.
         """
 
-    async def write(self, image_id: str, features: FeatureSource) -> bool:
+    async def write(
+        self,
+        image_id: str,
+        features: FeatureSource,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> bool:
         """
         Write the features of one image to S3 as a GeoJSON FeatureCollection.
 
         :param image_id: The identifier for the image, used to generate the S3 object key.
         :param features: GeoJSON features (``geojson.Feature`` objects or dicts): a list, any iterable, or an
             async iterable.
+        :param metadata: User metadata to store with the object (``x-amz-meta-*``).
+        :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored; see
+            :meth:`write_with_result`.
         :return: `True` if the object was stored, `False` if the bucket does not exist or is forbidden.
         :raises ClientError: If S3 refuses the upload for another reason, after retries.
         :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
@@ -195,20 +215,33 @@ class AsyncS3Sink(AsyncSink):
         :raises TypeError: If ``features`` is not a collection of features.
         """
         try:
-            await self.write_with_result(image_id, features)
+            await self.write_with_result(image_id, features, metadata=metadata, on_progress=on_progress)
         except ClientError as error:
             if not is_unusable_bucket_error(error):
                 raise
-            logger.error("cannot write to bucket %s: %s", self.bucket, error)
-            return False
+            return False  # already logged at error level by write_with_result
         return True
 
-    async def write_with_result(self, image_id: str, features: FeatureSource) -> WriteResult:
+    async def write_with_result(
+        self,
+        image_id: str,
+        features: FeatureSource,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> WriteResult:
         """
         Write the features of one image, and tell what the write did.
 
+        ``on_progress`` serves progress bars: it is called on the event loop thread after each part S3 stores
+        and once more when the object is stored, with the bytes stored so far and the features those bytes hold;
+        both only grow, and the last call gives the result's ``bytes`` and ``features``. An exception it raises
+        fails the write, which then stores nothing.
+
         :param image_id: The identifier for the image, used to generate the S3 object key.
         :param features: GeoJSON features: a list, any iterable, or an async iterable.
+        :param metadata: User metadata to store with the object (``x-amz-meta-*``).
+        :param on_progress: Called with ``(bytes_done, features_done)`` as the write advances.
         :return: The stored object's key, size, checksum and costs.
         :raises ClientError: If S3 refuses the upload, after retries, a missing bucket included.
         :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
@@ -216,8 +249,19 @@ class AsyncS3Sink(AsyncSink):
         """
         key = self.object_key(image_id)
         _check_features(features)
-        started = time.perf_counter()
-        stats = EncodingStats()
+        watch = _WriteWatch(self.bucket, key, on_progress, self._metrics)
+        watch.started()
+        try:
+            result = await self._write(key, features, metadata, watch)
+        except BaseException as error:
+            watch.failed(error)
+            raise
+        watch.finished(result)
+        return result
+
+    async def _write(
+        self, key: str, features: FeatureSource, metadata: Mapping[str, str] | None, watch: _WriteWatch
+    ) -> WriteResult:
         async with shared_client(self._client_options) as shared:
             await self._check_bucket_once(shared)
             chunks = encode_collection(
@@ -225,7 +269,7 @@ class AsyncS3Sink(AsyncSink):
                 batch_features=self.settings.encode_batch_features,
                 call_seconds=self.settings.encode_call_seconds,
                 limiter=shared.limiter,
-                stats=stats,
+                stats=watch.stats,
             )
             async with aclosing(chunks):
                 outcome = await upload_object(
@@ -234,35 +278,44 @@ class AsyncS3Sink(AsyncSink):
                     key,
                     chunks,
                     self.settings,
+                    metadata=dict(metadata) if metadata else None,
+                    events=watch,
                     budget=shared.budget,
                     limiter=shared.limiter,
                 )
-        seconds = time.perf_counter() - started
-        logger.debug(
-            "wrote s3://%s/%s",
-            self.bucket,
-            key,
-            extra={
-                "bucket": self.bucket,
-                "key": key,
-                "bytes": outcome.bytes,
-                "features": stats.features,
-                "seconds": seconds,
-            },
-        )
         return WriteResult(
             bucket=self.bucket,
             key=key,
             bytes=outcome.bytes,
-            features=stats.features,
+            features=watch.stats.features,
             parts=outcome.parts,
             retries=outcome.retries,
-            seconds=seconds,
-            encode_seconds=stats.seconds,
+            seconds=watch.elapsed(),
+            encode_seconds=watch.stats.seconds,
+            upload_seconds=outcome.seconds,
             checksum=outcome.checksum,
             etag=outcome.etag,
             version_id=outcome.version_id,
         )
+
+    async def object_metadata(self, image_id: str) -> dict[str, str] | None:
+        """
+        The user metadata of an image's stored object, from one ``HeadObject``: what a resumed job compares.
+
+        :param image_id: The identifier of the image.
+        :return: The object's metadata (keys lower-cased by S3), or `None` if there is no such object.
+        :raises ClientError: If S3 refuses the request for another reason than a missing object.
+        :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
+        """
+        key = self.object_key(image_id)
+        async with shared_client(self._client_options) as shared:
+            try:
+                head = await shared.client.head_object(Bucket=self.bucket, Key=key, **self.settings.bucket_arguments())
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                    return None
+                raise
+        return dict(head.get("Metadata", {}))
 
     async def validate_s3_bucket(self) -> bool:
         """
@@ -288,3 +341,102 @@ class AsyncS3Sink(AsyncSink):
             # Once per client, not per write as the seed did: later failures surface from the upload itself.
             await shared.client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
             shared.checked_buckets.add(self._bucket_identity)
+
+
+class _WriteWatch:
+    """One write seen from outside: its clock, its progress callback, its metrics hooks and its log lines."""
+
+    def __init__(
+        self, bucket: str, key: str, on_progress: ProgressCallback | None, metrics: SinkMetrics | None
+    ) -> None:
+        self.bucket = bucket
+        self.key = key
+        self.stats = EncodingStats(marks=[] if on_progress is not None else None)
+        self._on_progress = on_progress
+        self._metrics = metrics
+        self._started = time.perf_counter()
+        self._bytes_done = 0
+        self._features_done = 0
+        self._next_mark = 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._started
+
+    def started(self) -> None:
+        self._tell("write_started", self.bucket, self.key)
+
+    def part_stored(self, number: int, size: int) -> None:
+        self._tell("part_uploaded", self.bucket, self.key, number, size)
+        marks = self.stats.marks
+        if self._on_progress is None or marks is None:
+            return
+        self._bytes_done += size
+        # Parts are stored out of order, so this counts the features within as many bytes as are stored.
+        while self._next_mark < len(marks) and marks[self._next_mark][0] <= self._bytes_done:
+            self._features_done = marks[self._next_mark][1]
+            self._next_mark += 1
+        self._on_progress(self._bytes_done, self._features_done)
+
+    def retried(self, operation: str, retries: int) -> None:
+        self._tell("request_retried", self.bucket, self.key, operation, retries)
+
+    def finished(self, result: WriteResult) -> None:
+        if self._on_progress is not None:
+            self._on_progress(result.bytes, result.features)
+        logger.debug(
+            "wrote s3://%s/%s: %d bytes, %d features in %.3f s",
+            result.bucket,
+            result.key,
+            result.bytes,
+            result.features,
+            result.seconds,
+            extra={
+                "bucket": result.bucket,
+                "key": result.key,
+                "bytes": result.bytes,
+                "features": result.features,
+                "parts": result.parts,
+                "retries": result.retries,
+                "seconds": result.seconds,
+            },
+        )
+        self._tell("write_finished", result)
+
+    def failed(self, error: BaseException) -> None:
+        seconds = self.elapsed()
+        extra: dict[str, Any] = {
+            "bucket": self.bucket,
+            "key": self.key,
+            "features": self.stats.features,
+            "seconds": seconds,
+            "error_type": error_type(error),
+        }
+        if isinstance(error, anyio.get_cancelled_exc_class()):
+            logger.info("write of s3://%s/%s cancelled after %.3f s", self.bucket, self.key, seconds, extra=extra)
+        elif isinstance(error, ClientError):
+            response: Mapping[str, Any] = error.response
+            extra["error_code"] = response.get("Error", {}).get("Code")
+            extra["request_id"] = response.get("ResponseMetadata", {}).get("RequestId")
+            extra["operation"] = error.operation_name
+            logger.error(
+                "write of s3://%s/%s failed: %s on %s, request id %s",
+                self.bucket,
+                self.key,
+                extra["error_code"],
+                extra["operation"],
+                extra["request_id"],
+                extra=extra,
+            )
+        else:
+            # The message of our own errors names a feature index or a role, never a feature's contents.
+            logger.error("write of s3://%s/%s failed: %s", self.bucket, self.key, error_type(error), extra=extra)
+        self._tell("write_failed", self.bucket, self.key, error, seconds)
+
+    def _tell(self, hook: str, *args: Any) -> None:
+        if self._metrics is None:
+            return
+        try:
+            getattr(self._metrics, hook)(*args)
+        except Exception:
+            # Metrics must never cost a write.
+            logger.warning("metrics hook %s failed", hook, exc_info=True)

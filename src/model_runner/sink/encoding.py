@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import islice
 from typing import Any, TypeAlias
@@ -32,11 +32,17 @@ _MAX_BATCH_FEATURES = 16384
 
 @dataclass
 class EncodingStats:
-    """What an encoding has done so far: features and bytes out, and seconds spent in orjson."""
+    """
+    What an encoding has done so far: features and bytes out, and seconds spent in orjson.
+
+    ``marks``, when a list, gets ``(bytes, features)`` after each batch: how many features end within how many
+    bytes, so that bytes stored can be told as features stored.
+    """
 
     features: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    marks: list[tuple[int, int]] | None = field(default=None, repr=False)
 
 
 def _default(value: Any) -> Any:
@@ -170,6 +176,8 @@ async def encode_collection(
         stats.features += count
         stats.bytes += len(chunk)
         stats.seconds += seconds
+        if stats.marks is not None:
+            stats.marks.append((stats.bytes, stats.features))
         yield chunk
     yield memoryview(COLLECTION_TAIL)
     stats.bytes += len(COLLECTION_TAIL)

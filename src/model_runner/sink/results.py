@@ -20,6 +20,8 @@ class WriteResult:
     :param retries: Request attempts botocore retried while writing it.
     :param seconds: Duration of the whole write.
     :param encode_seconds: Time spent serialising features, in worker threads.
+    :param upload_seconds: From the first S3 request for the object to S3's last answer; the upload overlaps
+        the encoding, so this and ``encode_seconds`` may add up to more than ``seconds``.
     :param checksum: CRC32 of the object as S3 reports it (``-<parts>`` for a multipart object).
     :param etag: The object's ETag.
     :param version_id: The object's version, when the bucket is versioned.
@@ -33,6 +35,16 @@ class WriteResult:
     retries: int
     seconds: float
     encode_seconds: float
+    upload_seconds: float
     checksum: str
     etag: str
     version_id: str | None = None
+
+    @property
+    def megabytes_per_second(self) -> float:
+        """
+        Throughput of the whole write.
+
+        :return: Megabytes (10^6 bytes) stored per second of the write.
+        """
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0

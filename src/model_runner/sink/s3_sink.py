@@ -7,8 +7,9 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -16,7 +17,8 @@ from anyio.from_thread import BlockingPortal
 from botocore.config import Config
 
 from model_runner.api import SinkMode
-from model_runner.sink.async_s3_sink import AsyncS3Sink
+from model_runner.sink.async_s3_sink import AsyncS3Sink, ProgressCallback
+from model_runner.sink.metrics import SinkMetrics
 from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.sink import Sink
@@ -118,6 +120,7 @@ class S3Sink(Sink):
     :param region_name: Region; by default ``AWS_REGION``, then the standard configuration, then us-east-1.
     :param client_config: A botocore config merged over the sink's own.
     :param clock: What time it is, for credential expiry; for tests and simulations.
+    :param metrics: Hooks told of every write, part and retry; called on the sink's private loop thread.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class S3Sink(Sink):
         region_name: str | None = None,
         client_config: Config | None = None,
         clock: Callable[[], datetime] | None = None,
+        metrics: SinkMetrics | None = None,
     ) -> None:
         self._sink = AsyncS3Sink(
             bucket,
@@ -143,6 +147,7 @@ class S3Sink(Sink):
             region_name=region_name,
             client_config=client_config,
             clock=clock,
+            metrics=metrics,
         )
 
     def __repr__(self) -> str:
@@ -186,7 +191,14 @@ class S3Sink(Sink):
         """
         return self._sink.mode
 
-    def write(self, image_id: str, features: Iterable[Any]) -> bool:
+    def write(
+        self,
+        image_id: str,
+        features: Iterable[Any],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> bool:
         """
         Write aggregated GeoJSON feature collection to the S3 bucket.
 
@@ -194,22 +206,37 @@ class S3Sink(Sink):
 
         :param image_id: The identifier for the image, used to generate the S3 object key.
         :param features: A list (or any iterable) of GeoJSON features to be aggregated and written to S3.
+        :param metadata: User metadata to store with the object (``x-amz-meta-*``).
+        :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
+            thread.
         :return: `True` if the upload was successful, `False` otherwise.
 
         :raises ClientError: If there are errors while uploading the file to S3.
         """
-        return self._call(self._sink.write, image_id, features)
+        return self._call(partial(self._sink.write, image_id, features, metadata=metadata, on_progress=on_progress))
 
-    def write_with_result(self, image_id: str, features: Iterable[Any]) -> WriteResult:
+    def write_with_result(
+        self,
+        image_id: str,
+        features: Iterable[Any],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> WriteResult:
         """
         Write aggregated GeoJSON feature collection to the S3 bucket, and tell what the write did.
 
         :param image_id: The identifier for the image, used to generate the S3 object key.
         :param features: A list (or any iterable) of GeoJSON features.
+        :param metadata: User metadata to store with the object (``x-amz-meta-*``).
+        :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
+            thread; the last call gives the result's ``bytes`` and ``features``.
         :return: The stored object's key, size, checksum and costs.
         :raises ClientError: If S3 refuses the upload, after retries, a missing bucket included.
         """
-        return self._call(self._sink.write_with_result, image_id, features)
+        return self._call(
+            partial(self._sink.write_with_result, image_id, features, metadata=metadata, on_progress=on_progress)
+        )
 
     def validate_s3_bucket(self) -> bool:
         """

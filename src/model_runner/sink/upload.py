@@ -6,10 +6,11 @@ import base64
 import io
 import logging
 import sys
+import time
 import zlib
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -21,7 +22,7 @@ from model_runner.sink.settings import MAX_PART_SIZE, SinkSettings
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["ByteBudget", "PartPlan", "UploadOutcome", "part_size_for", "upload_object"]
+__all__ = ["ByteBudget", "PartPlan", "UploadEvents", "UploadOutcome", "part_size_for", "upload_object"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class ByteBudget:
 
 @dataclass
 class UploadOutcome:
-    """What S3 answered for a stored object."""
+    """What S3 answered for a stored object, and how long from its first request to the last answer."""
 
     bytes: int = 0
     parts: int = 0
@@ -94,6 +95,27 @@ class UploadOutcome:
     checksum: str = ""
     etag: str = ""
     version_id: str | None = None
+    seconds: float = 0.0
+
+
+class UploadEvents(Protocol):
+    """What an upload tells as it goes. Called on the event loop thread; an exception raised fails the upload."""
+
+    def part_stored(self, number: int, size: int) -> None:
+        """
+        A part was stored.
+
+        :param number: The part number.
+        :param size: Its size in bytes.
+        """
+
+    def retried(self, operation: str, retries: int) -> None:
+        """
+        A request succeeded after botocore retried it.
+
+        :param operation: The S3 operation, e.g. ``"UploadPart"``.
+        :param retries: How many times it was retried.
+        """
 
 
 @dataclass
@@ -172,6 +194,12 @@ def _retries(response: dict[str, Any]) -> int:
     return int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
 
 
+def _tell_retries(events: UploadEvents | None, operation: str, response: dict[str, Any]) -> None:
+    retries = _retries(response)
+    if retries and events is not None:
+        events.retried(operation, retries)
+
+
 def _verify(response: dict[str, Any], expected: str, key: str) -> None:
     stored = response.get("ChecksumCRC32")
     if stored is not None and stored != expected:
@@ -205,7 +233,7 @@ async def upload_object(
     settings: SinkSettings,
     *,
     metadata: dict[str, str] | None = None,
-    on_part: Callable[[int, int], Awaitable[None] | None] | None = None,
+    events: UploadEvents | None = None,
     budget: ByteBudget | None = None,
     limiter: anyio.CapacityLimiter | None = None,
 ) -> UploadOutcome:
@@ -222,7 +250,7 @@ async def upload_object(
     :param chunks: The object's bytes, in order.
     :param settings: Part sizes, concurrency and object options.
     :param metadata: User metadata of the object.
-    :param on_part: Called with ``(part number, part bytes)`` after each part is stored.
+    :param events: Told of each stored part and each retried request.
     :param budget: Bytes of bodies this upload may hold, shared with others; a private one by default.
     :param limiter: Worker threads that seal bodies, shared with others; anyio's default by default.
     :return: What S3 answered.
@@ -241,7 +269,7 @@ async def upload_object(
         pending_size += len(chunk)
         if pending_size >= settings.multipart_threshold:
             return await _upload_parts(
-                client, bucket, key, pending, iterator, settings, object_arguments, on_part, budget, limiter
+                client, bucket, key, pending, iterator, settings, object_arguments, events, budget, limiter
             )
     await budget.acquire(pending_size)
     try:
@@ -249,12 +277,14 @@ async def upload_object(
             body, size, checksum = _seal(pending)
         else:
             body, size, checksum = await anyio.to_thread.run_sync(_seal, pending, limiter=limiter)
+        started = time.perf_counter()
         response = await client.put_object(
             Bucket=bucket, Key=key, Body=body, ContentLength=size, ChecksumCRC32=checksum, **object_arguments
         )
     finally:
         budget.release(pending_size)
     _verify(response, checksum, key)
+    _tell_retries(events, "PutObject", response)
     return UploadOutcome(
         bytes=size,
         parts=0,
@@ -262,6 +292,7 @@ async def upload_object(
         checksum=checksum,
         etag=response.get("ETag", ""),
         version_id=response.get("VersionId"),
+        seconds=time.perf_counter() - started,
     )
 
 
@@ -273,16 +304,18 @@ async def _upload_parts(
     chunks: AsyncIterable[memoryview],
     settings: SinkSettings,
     object_arguments: dict[str, Any],
-    on_part: Callable[[int, int], Awaitable[None] | None] | None,
+    events: UploadEvents | None,
     budget: ByteBudget,
     limiter: anyio.CapacityLimiter | None,
 ) -> UploadOutcome:
+    started = time.perf_counter()
     created = await client.create_multipart_upload(
         Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", **object_arguments
     )
     upload_id = created["UploadId"]
     bucket_arguments = settings.bucket_arguments()
     outcome = UploadOutcome(retries=_retries(created))
+    _tell_retries(events, "CreateMultipartUpload", created)
     stored: dict[int, dict[str, Any]] = {}
     slots = anyio.Semaphore(settings.max_parts_in_flight)
 
@@ -303,10 +336,9 @@ async def _upload_parts(
             stored[number] = {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
             outcome.bytes += size
             outcome.retries += _retries(response)
-            if on_part is not None:
-                maybe_awaitable = on_part(number, size)
-                if maybe_awaitable is not None:
-                    await maybe_awaitable
+            _tell_retries(events, "UploadPart", response)
+            if events is not None:
+                events.part_stored(number, size)
         finally:
             budget.release(reserved)
             slots.release()
@@ -352,6 +384,8 @@ async def _upload_parts(
         raise
     outcome.checksum = composite_crc32([part["ChecksumCRC32"] for part in parts])
     _verify(completed, outcome.checksum, key)
+    _tell_retries(events, "CompleteMultipartUpload", completed)
+    outcome.seconds = time.perf_counter() - started
     outcome.parts = len(parts)
     outcome.retries += _retries(completed)
     outcome.etag = completed.get("ETag", "")
