@@ -40,6 +40,16 @@ async def test_retried_requests_reach_the_hooks_and_the_result(
     assert result.retries == 1
 
 
+async def test_retries_of_a_request_that_failed_at_last_are_told_too(proxy: FaultProxy, bucket: str) -> None:
+    proxy.add_rule(Rule({"PutObject"}, "refuse", status=503, code="SlowDown"))
+    metrics = Retries()
+    settings = SinkSettings(max_attempts=3)
+    sink = AsyncS3Sink(bucket, "retried", endpoint_url=proxy.url, settings=settings, metrics=metrics)
+    with pytest.raises(ClientError):
+        await sink.write("image", synthetic_detections(3))
+    assert metrics.seen == [("PutObject", 2)]
+
+
 async def test_a_failed_write_is_logged_at_error_with_the_s3_code_and_request_id(
     proxy: FaultProxy, bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -418,6 +418,9 @@ class _WriteWatch:
             extra["error_code"] = response.get("Error", {}).get("Code")
             extra["request_id"] = response.get("ResponseMetadata", {}).get("RequestId")
             extra["operation"] = error.operation_name
+            extra["retries"] = int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+            if extra["retries"]:
+                self._tell("request_retried", self.bucket, self.key, error.operation_name, extra["retries"])
             logger.error(
                 "write of s3://%s/%s failed: %s on %s, request id %s",
                 self.bucket,
