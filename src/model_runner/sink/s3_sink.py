@@ -1,4 +1,4 @@
-"""S3Sink: the seed's documented synchronous sink, a thin shell over :class:`AsyncS3Sink`."""
+"""S3Sink: the seed's documented synchronous sink, a thin shell over :class:`~model_runner.sink.async_s3_sink.AsyncS3Sink`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from model_runner.sink.sink import Sink
 __all__ = ["S3Sink", "logger"]
 
 logger = logging.getLogger(__name__)
+"""Where both sinks log, as the seed did: each failed write at error level, each stored object at debug level."""
 
 T = TypeVar("T")
 
