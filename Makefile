@@ -26,6 +26,7 @@ demo: $(DEMO_STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory docs
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
