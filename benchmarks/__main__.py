@@ -11,24 +11,22 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import textwrap
 import time
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from benchmarks.contenders import CONTENDERS, SEED_NOTES
 from benchmarks.report import diagnosis_text, evaluate_targets, summarise, table, targets_text
-from benchmarks.runner import ROOT, Options, run_all
+from benchmarks.runner import Options, parse_arguments, revision, run_all, versions
 from benchmarks.workloads import POOL_FEATURES, workloads
 
 __all__ = ["main"]
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
-GIT = ["git", "-C", str(ROOT)]
+PACKAGES = ("model-runner-sink", "boto3", "botocore", "aiobotocore", "aiohttp", "moto", "orjson", "geojson")
 
 NOTES = [
     SEED_NOTES,
@@ -51,18 +49,7 @@ NOTES = [
 ]
 
 
-def _arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="Benchmark the S3 sinks against the seed and a floor, on a moto S3 server of their own.",
-    )
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and one run each: a smoke run")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="runs of each measurement (default 3, quick 1)",
-    )
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         default="",
@@ -88,40 +75,6 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="afterwards, run AsyncS3Sink and the floor once more per workload with a watchdog that records "
         "what the loop and the other threads were doing whenever the loop is late, and print what it found",
     )
-    arguments = parser.parse_args(argv)
-    if arguments.repeats is None:
-        arguments.repeats = 1 if arguments.quick else 3
-    if arguments.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    return arguments
-
-
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in (
-        "model-runner-sink",
-        "boto3",
-        "botocore",
-        "aiobotocore",
-        "aiohttp",
-        "moto",
-        "orjson",
-        "geojson",
-    ):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
-def _revision() -> str | None:
-    try:
-        head = subprocess.run([*GIT, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*GIT, "status", "--porcelain", "src"], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     :param argv: Command-line arguments, ``sys.argv[1:]`` by default.
     :return: The exit status: 0, 1 if a measurement failed, 2 for an unknown workload or contender.
     """
-    arguments = _arguments(argv)
+    arguments = parse_arguments(
+        "python -m benchmarks",
+        "Benchmark the S3 sinks against the seed and a floor, on a moto S3 server of their own.",
+        _options,
+        argv,
+    )
     available = workloads(arguments.quick)
     selected = [key.strip() for key in arguments.only.split(",") if key.strip()] or list(available)
     contenders = [key.strip() for key in arguments.contenders.split(",") if key.strip()]
@@ -180,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "revision": _revision(),
-            "versions": _versions(),
+            "revision": revision(),
+            "versions": versions(PACKAGES),
             "options": {
                 "quick": arguments.quick,
                 "repeats": arguments.repeats,

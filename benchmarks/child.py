@@ -91,6 +91,7 @@ async def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu": cpu_figures,
         "gc": gc_figures,
         "diagnosis": diagnoser.report() if diagnoser is not None else None,
+        "write_results": contender.write_results(),
     }
 
 

@@ -34,6 +34,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from model_runner.sink import AsyncS3Sink, S3Sink, SinkSettings
+from model_runner.sink.results import WriteResult
 
 __all__ = [
     "CONTENDERS",
@@ -44,6 +45,7 @@ __all__ = [
     "Job",
     "SeedS3Sink",
     "make_contender",
+    "object_key",
 ]
 
 MiB = 1024 * 1024
@@ -73,6 +75,17 @@ IMAGE_ID = "2b5f7c4e-0d1a-4c6e-9a8b-3f2e1d0c9b8a:s3://imagery/{name}.tif"
 WARM_UP = "warm-up"
 
 Job = tuple[str, Any]
+
+
+def object_key(prefix: str, image_id: str) -> str:
+    """
+    Where a collection lands, as the seed names it: the image id's last ``/`` segment plus ``.geojson``.
+
+    :param prefix: The key prefix.
+    :param image_id: The image id.
+    :return: The object's key.
+    """
+    return posixpath.join(prefix, image_id.split("/")[-1] + ".geojson")
 
 
 class SeedS3Sink:
@@ -106,7 +119,7 @@ class SeedS3Sink:
         collection = geojson.FeatureCollection(features)
         if not self.validate_s3_bucket():
             return False
-        key = posixpath.join(self.prefix, image_id.split("/")[-1] + ".geojson")
+        key = object_key(self.prefix, image_id)
         with tempfile.NamedTemporaryFile(delete=True) as temporary:
             with open(temporary.name, "w") as text:
                 text.write(geojson.dumps(collection))
@@ -159,6 +172,8 @@ class Contender(ABC):
     def __init__(self, bucket: str, prefix: str) -> None:
         self.bucket = bucket
         self.prefix = prefix
+        # This project's sinks keep the WriteResults of their last run here, for write_results().
+        self.results: list[WriteResult] = []
 
     async def __aenter__(self) -> Contender:
         return self
@@ -196,6 +211,29 @@ class Contender(ABC):
         names = [IMAGE_ID.format(name=f"{WARM_UP}-{index:04d}") for index in range(writes)]
         jobs = [(name, self.prepare(_TINY)) for name in names]
         await self.run(jobs)
+
+    def write_results(self) -> dict[str, Any] | None:
+        """
+        The figures of the last run as the contender's own :class:`WriteResult` objects give them, without a
+        clock of the harness: ``seconds`` and ``upload_seconds`` of the longest write (for concurrent writes
+        started together, the run's span), ``encode_seconds``, ``bytes``, ``features``, ``parts`` and
+        ``retries`` summed over the writes.
+
+        :return: The figures, or `None` for a contender that returns no :class:`WriteResult`.
+        """
+        if not self.results:
+            return None
+        uploads = [result.upload_seconds for result in self.results if hasattr(result, "upload_seconds")]
+        return {
+            "writes": len(self.results),
+            "seconds": max(result.seconds for result in self.results),
+            "upload_seconds": max(uploads) if uploads else None,
+            "encode_seconds": sum(result.encode_seconds for result in self.results),
+            **{
+                name: sum(getattr(result, name) for result in self.results)
+                for name in ("bytes", "features", "parts", "retries")
+            },
+        }
 
     @abstractmethod
     async def run(self, jobs: list[Job]) -> int:
@@ -321,7 +359,7 @@ class FloorContender(Contender):
         return sum(sizes)
 
     async def _upload(self, image_id: str, parts: list[io.BytesIO]) -> int:
-        key = posixpath.join(self.prefix, image_id.split("/")[-1] + ".geojson")
+        key = object_key(self.prefix, image_id)
         arguments = self.settings.object_arguments()
         client = self._client
         size = sum(len(body.getbuffer()) for body in parts)
@@ -367,8 +405,8 @@ class AsyncSinkContender(Contender):
         :param jobs: ``(image id, features)`` pairs.
         :return: Bytes stored.
         """
-        results = await asyncio.gather(*(self.sink.write_with_result(*job) for job in jobs))
-        return sum(result.bytes for result in results)
+        self.results = await asyncio.gather(*(self.sink.write_with_result(*job) for job in jobs))
+        return sum(result.bytes for result in self.results)
 
 
 class FacadeContender(Contender):
@@ -405,8 +443,8 @@ class FacadeContender(Contender):
         :return: Bytes stored.
         """
         write = self.sink.write_with_result
-        results = await asyncio.gather(*(asyncio.to_thread(write, *job) for job in jobs))
-        return sum(result.bytes for result in results)
+        self.results = await asyncio.gather(*(asyncio.to_thread(write, *job) for job in jobs))
+        return sum(result.bytes for result in self.results)
 
 
 CONTENDERS: dict[str, type[Contender]] = {
@@ -418,9 +456,14 @@ def make_contender(key: str, bucket: str, prefix: str) -> Contender:
     """
     A contender by key.
 
-    :param key: ``seed``, ``floor``, ``AsyncS3Sink`` or ``S3Sink``.
+    :param key: ``seed``, ``floor``, ``AsyncS3Sink``, ``S3Sink`` or a peer of the peers report.
     :param bucket: The bucket.
     :param prefix: The key prefix of the measured writes.
     :return: The contender, to use as an async context manager.
     """
-    return CONTENDERS[key](bucket, prefix)
+    if key in CONTENDERS:
+        return CONTENDERS[key](bucket, prefix)
+    # Imported here: the peers import this module, and their libraries are only needed by the peers report.
+    from benchmarks.peers.contenders import PEERS
+
+    return PEERS[key](bucket, prefix)

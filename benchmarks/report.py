@@ -58,14 +58,13 @@ def summarise(runs: list[dict[str, Any]], workloads: list[Workload], contenders:
     summary: dict[str, Any] = {}
     for workload in workloads:
         here = [run for run in runs if run["workload"] == workload.key]
-        # Throughput counts the compact collection's bytes for every contender, the seed included (it sends
-        # ~6% more, json.dumps putting spaces after separators): it is the same collection.
-        compact = [run["bytes"] for run in here if run["contender"] != "seed"]
+        # Throughput counts the compact collection's bytes, the smallest body sent, for every contender, those
+        # that send more included (json.dumps puts spaces after separators): it is the same collection.
+        payload = min((run["bytes"] for run in here), default=0)
         by_contender: dict[str, Any] = {}
         for contender in contenders:
             mine = [run for run in here if run["contender"] == contender]
             if mine:
-                payload = compact[0] if compact else mine[0]["bytes"]
                 by_contender[contender] = _figures(workload, mine, payload)
         seed, floor = by_contender.get("seed"), by_contender.get("floor")
         for figures in by_contender.values():

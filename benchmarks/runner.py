@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,65 @@ from benchmarks.contenders import WARM_UP
 from benchmarks.workloads import Workload, dataset_size, make_dataset
 from model_runner.demo import MotoServer
 
-__all__ = ["BUCKET", "Options", "run_all"]
+__all__ = ["BUCKET", "ROOT", "Options", "parse_arguments", "revision", "run_all", "versions"]
 
 BUCKET = "model-runner-bench"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_arguments(
+    prog: str, description: str, add: Callable[[argparse.ArgumentParser], None], argv: list[str] | None
+) -> argparse.Namespace:
+    """
+    Parse a report's command line: ``--quick`` and ``--repeats`` (3 runs, 1 when quick), and its own options.
+
+    :param prog: The command.
+    :param description: What it does.
+    :param add: Adds the report's own options to the parser.
+    :param argv: Command-line arguments, ``sys.argv[1:]`` by default.
+    :return: The arguments.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and one run each: a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each measurement (default 3, quick 1)")
+    add(parser)
+    arguments = parser.parse_args(argv)
+    if arguments.repeats is None:
+        arguments.repeats = 1 if arguments.quick else 3
+    if arguments.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return arguments
+
+
+def versions(names: Iterable[str]) -> dict[str, str]:
+    """
+    Installed versions of packages.
+
+    :param names: Distribution names.
+    :return: Each name's version, or ``not installed``.
+    """
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def revision() -> str | None:
+    """
+    The checkout's commit.
+
+    :return: ``HEAD``'s hash, with `` (src modified)`` when ``src`` has uncommitted changes; `None` outside git.
+    """
+    git = ["git", "-C", str(ROOT)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else "")
 
 
 @dataclass

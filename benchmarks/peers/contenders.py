@@ -1,0 +1,198 @@
+"""
+The peers: what a user would pick instead of this project's sinks, each called the way an asyncio service would.
+
+* ``aioboto3``: stdlib ``json.dumps`` of the whole collection into a ``BytesIO``, then ``upload_fileobj``
+  (boto3's transfer defaults: 8 MiB threshold and parts, 10 at once), awaited.
+* ``obstore``: ``orjson.dumps`` of the whole collection, then ``obstore.put_async`` to an ``S3Store`` (its
+  defaults: multipart past 5 MiB, 12 parts at once, SHA-256-signed bodies), awaited.
+* ``smart_open``: ``smart_open.open("s3://...", "wb")`` on a shared boto3 client, written a feature at a time
+  with ``orjson.dumps`` (its default: a multipart upload of 50 MiB parts), through ``asyncio.to_thread``.
+* ``s3fs``: ``orjson.dumps`` of the whole collection, then ``S3FileSystem._pipe_file``, its async API (one
+  ``PutObject`` below 100 MiB), awaited.
+
+Serialisation is part of each write, as it is for :class:`AsyncS3Sink`; a client made once per contender serves
+every write. A streamed collection reaches smart_open as the generator it is; the others need it whole, so they
+get it as a list made before the clock starts, as the seed does. The boto-based peers turn off botocore's
+SHA-256 of bodies over plain HTTP as the seed, the floor and the sinks do (it does not happen over HTTPS);
+obstore signs bodies on real S3 too, so it keeps its default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+import aioboto3
+import boto3
+import obstore
+import orjson
+import s3fs
+import smart_open
+from aiobotocore.config import AioConfig
+from botocore.config import Config
+from obstore.store import S3Store
+
+from benchmarks.contenders import Contender, Job, object_key
+
+__all__ = ["PEERS"]
+
+HEAD = b'{"type":"FeatureCollection","features":['
+
+
+def _config(kind: type[Config] = Config) -> Any:
+    # As the seed, the floor and the sinks: no SHA-256 of request bodies over the moto endpoint's plain HTTP.
+    return kind(s3={"payload_signing_enabled": False})
+
+
+def _collection(features: list[Any]) -> dict[str, Any]:
+    return {"type": "FeatureCollection", "features": features}
+
+
+class _AsyncPeer(Contender):
+    """A peer awaited from the loop: its writes run concurrently through ``write``."""
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        super().__init__(bucket, prefix)
+        self._stack = AsyncExitStack()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    def prepare(self, features: Iterable[Any]) -> Any:
+        """
+        The collection as a list, made before the clock starts: these peers serialise it whole.
+
+        :param features: A list, or a generator for streamed workloads.
+        :return: A list of the features.
+        """
+        return features if isinstance(features, list) else list(features)
+
+    async def run(self, jobs: list[Job]) -> int:
+        """
+        Write the collections concurrently.
+
+        :param jobs: ``(image id, features)`` pairs.
+        :return: Bytes stored.
+        """
+        sizes = await asyncio.gather(*(self.write(object_key(self.prefix, image_id), f) for image_id, f in jobs))
+        return sum(sizes)
+
+    async def write(self, key: str, features: list[Any]) -> int:
+        """
+        Serialise and store one collection.
+
+        :param key: The object's key.
+        :param features: The features.
+        :return: Bytes stored.
+        """
+        raise NotImplementedError
+
+
+class Aioboto3Peer(_AsyncPeer):
+    """aioboto3: ``json.dumps`` into a ``BytesIO``, ``upload_fileobj``."""
+
+    key = "aioboto3"
+
+    async def __aenter__(self) -> Aioboto3Peer:
+        client = aioboto3.Session().client("s3", config=_config(AioConfig))
+        self._client = await self._stack.enter_async_context(client)
+        return self
+
+    async def write(self, key: str, features: list[Any]) -> int:
+        body = io.BytesIO(json.dumps(_collection(features)).encode())
+        await self._client.upload_fileobj(body, self.bucket, key)
+        return len(body.getbuffer())
+
+
+class ObstorePeer(_AsyncPeer):
+    """obstore: ``orjson.dumps``, ``put_async`` to an ``S3Store`` at the moto endpoint."""
+
+    key = "obstore"
+
+    async def __aenter__(self) -> ObstorePeer:
+        self._store = S3Store(
+            self.bucket,
+            endpoint=os.environ["AWS_ENDPOINT_URL_S3"],
+            region=os.environ["AWS_REGION"],
+            access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+            secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+            session_token=os.environ["AWS_SESSION_TOKEN"],
+            client_options={"allow_http": True},
+        )
+        return self
+
+    async def write(self, key: str, features: list[Any]) -> int:
+        body = orjson.dumps(_collection(features))
+        await obstore.put_async(self._store, key, body)
+        return len(body)
+
+
+class S3fsPeer(_AsyncPeer):
+    """s3fs, asynchronous: ``orjson.dumps``, ``_pipe_file``."""
+
+    key = "s3fs"
+
+    async def __aenter__(self) -> S3fsPeer:
+        self._fs = s3fs.S3FileSystem(
+            asynchronous=True,
+            skip_instance_cache=True,
+            client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL_S3"]},
+            config_kwargs={"s3": {"payload_signing_enabled": False}},
+        )
+        client = await self._fs.set_session()
+        self._stack.push_async_callback(client.close)
+        return self
+
+    async def write(self, key: str, features: list[Any]) -> int:
+        body = orjson.dumps(_collection(features))
+        await self._fs._pipe_file(f"{self.bucket}/{key}", body)
+        return len(body)
+
+
+class SmartOpenPeer(Contender):
+    """smart_open: a stream written a feature at a time, from a worker thread."""
+
+    key = "smart_open"
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        super().__init__(bucket, prefix)
+        self._client = boto3.client("s3", config=_config())
+
+    def call_mode(self, writes: int) -> str:
+        """
+        How smart_open is called.
+
+        :param writes: Writes in the workload.
+        :return: ``to_thread``.
+        """
+        return "to_thread"
+
+    async def run(self, jobs: list[Job]) -> int:
+        """
+        Write the collections, each through ``asyncio.to_thread`` (default executor).
+
+        :param jobs: ``(image id, features)`` pairs.
+        :return: Bytes stored.
+        """
+        sizes = await asyncio.gather(*(asyncio.to_thread(self._write, *job) for job in jobs))
+        return sum(sizes)
+
+    def _write(self, image_id: str, features: Iterable[Any]) -> int:
+        url = f"s3://{self.bucket}/{object_key(self.prefix, image_id)}"
+        with smart_open.open(url, "wb", transport_params={"client": self._client}) as stream:
+            size = stream.write(HEAD)
+            for index, feature in enumerate(features):
+                size += stream.write(b"," + orjson.dumps(feature) if index else orjson.dumps(feature))
+            size += stream.write(b"]}")
+        return size
+
+
+PEERS: dict[str, type[Contender]] = {kind.key: kind for kind in (Aioboto3Peer, ObstorePeer, SmartOpenPeer, S3fsPeer)}
