@@ -141,6 +141,19 @@ async def test_a_write_timing_out_mid_multipart_aborts_the_upload(
     assert_nothing_left(s3, bucket)
 
 
+async def test_a_write_cancelled_while_s3_creates_the_upload_still_aborts_it(
+    proxy: FaultProxy, bucket: str, s3: Any, multipart_features: list[dict[str, Any]]
+) -> None:
+    # S3 creates the upload after the cancellation: only a write that waits for the upload id can abort it.
+    proxy.add_rule(Rule({"CreateMultipartUpload"}, "delay", delay=1.0))
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.3):
+            await sink_through(proxy, bucket).write("cancelled-early", multipart_features)
+    assert proxy.count("CreateMultipartUpload") == 1
+    assert proxy.count("AbortMultipartUpload") == 1
+    assert_nothing_left(s3, bucket)
+
+
 async def test_the_endpoint_down_gives_a_clear_error_within_the_retry_budget(proxy: FaultProxy, bucket: str) -> None:
     proxy.stop()
     sink = sink_through(proxy, bucket)

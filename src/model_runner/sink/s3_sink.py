@@ -1,4 +1,6 @@
-"""S3Sink: the seed's documented synchronous sink, a thin shell over :class:`~model_runner.sink.async_s3_sink.AsyncS3Sink`."""
+"""S3Sink: the seed's documented synchronous sink, a thin shell over
+:class:`~model_runner.sink.async_s3_sink.AsyncS3Sink`.
+"""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
+from botocore.exceptions import ClientError
 
 from model_runner.sink.exceptions import ChecksumMismatchError
 from model_runner.sink.settings import MAX_PART_SIZE, SinkSettings
@@ -309,9 +310,12 @@ async def _upload_parts(
     limiter: anyio.CapacityLimiter | None,
 ) -> UploadOutcome:
     started = time.perf_counter()
-    created = await client.create_multipart_upload(
-        Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", **object_arguments
-    )
+    # Cancelled while S3 creates the upload, the write would never learn the upload id to abort it: the request
+    # is shielded (botocore's timeouts and retries bound it), and a cancellation lands in the aborting block below.
+    with anyio.CancelScope(shield=True):
+        created = await client.create_multipart_upload(
+            Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", **object_arguments
+        )
     upload_id = created["UploadId"]
     bucket_arguments = settings.bucket_arguments()
     outcome = UploadOutcome(retries=_retries(created))
@@ -397,5 +401,11 @@ async def _abort(client: Any, bucket: str, key: str, upload_id: str, bucket_argu
     with anyio.CancelScope(shield=True), anyio.move_on_after(ABORT_TIMEOUT_SECONDS):
         try:
             await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, **bucket_arguments)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                logger.exception("could not abort multipart upload of s3://%s/%s", bucket, key)
+            else:
+                # A cancellation that came as S3 completed the upload: the object is stored whole.
+                logger.debug("multipart upload of s3://%s/%s was already completed", bucket, key)
         except Exception:
             logger.exception("could not abort multipart upload of s3://%s/%s", bucket, key)
