@@ -1,4 +1,7 @@
-"""The ``model-runner-sink`` command: ``demo`` writes and verifies collections on an embedded S3 server."""
+"""
+The ``model-runner-sink`` command: ``demo`` writes and verifies collections on an embedded S3 server, ``backfill``
+writes GeoJSON files from disk to S3.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from model_runner.backfill import DEFAULT_CONCURRENCY, Target, backfill
 from model_runner.demo import MotoServer, synthetic_detections
 from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkError, WriteResult
 
@@ -254,6 +258,66 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     demo.set_defaults(command=run_demo)
 
 
+def run_backfill(args: argparse.Namespace) -> int:
+    """
+    Write GeoJSON files from disk to S3, one object per file, skipping those already written.
+
+    :param args: The parsed ``backfill`` options.
+    :return: 0 if no file failed, 1 if some did or the job could not run, 130 if interrupted.
+    """
+    target = Target(
+        args.bucket,
+        args.prefix,
+        args.role,
+        concurrency=args.concurrency,
+        resume=args.resume,
+        dry_run=args.dry_run,
+    )
+    return backfill(args.sources, target, dask=args.dask)
+
+
+def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """
+    Add the ``backfill`` subcommand. Its options are the sources, the fields of
+    :class:`~model_runner.backfill.Target`, and where the job runs.
+
+    :param commands: The subcommands to add ``backfill`` to.
+    """
+    description = (
+        "Write every .geojson/.json FeatureCollection and every .ndjson/.geojsonl file (one feature a line) under "
+        "the sources to S3 as PREFIX/<file stem>.geojson. Objects whose recorded source digest matches are skipped, "
+        "so a rerun resumes. The last line of output is 'written W, skipped S, failed F'."
+    )
+    backfill_parser = commands.add_parser(
+        "backfill", help="write GeoJSON files to S3, resumably", description=description
+    )
+    backfill_parser.set_defaults(command=run_backfill)
+    backfill_parser.add_argument("sources", nargs="+", metavar="SRC", help="files, or folders searched recursively")
+    backfill_parser.add_argument("--bucket", required=True, help="the S3 bucket")
+    backfill_parser.add_argument("--prefix", required=True, help="the key prefix of the objects")
+    backfill_parser.add_argument("--role", metavar="ARN", help="IAM role to assume for writing")
+    backfill_parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help="files written at once, per batch with --dask (default: %(default)s)",
+    )
+    backfill_parser.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="spread the files over dask workers: a scheduler address, or 'local' for a local cluster "
+        "(needs the dask extra)",
+    )
+    backfill_parser.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="write every file, even those whose object is up to date",
+    )
+    backfill_parser.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """
     Build the command-line parser. A subcommand is added by a function like :func:`_add_demo`.
@@ -265,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_demo(commands)
+    _add_backfill(commands)
     return parser
 
 
