@@ -57,7 +57,8 @@ class SinkMetrics:
 
     def request_retried(self, bucket: str, key: str, operation: str, retries: int) -> None:
         """
-        An S3 request succeeded after botocore retried it (throttling, a reset connection, a 5xx).
+        botocore retried an S3 request (throttling, a reset connection, a 5xx); told once the request ended,
+        whether it then succeeded or failed.
 
         :param bucket: The bucket.
         :param key: The object key.
