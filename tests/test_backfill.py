@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import signal
@@ -144,6 +145,20 @@ def test_bad_files_fail_with_their_reason(
         assert f"failed {tmp_path / name}: {reason}" in err, name
     assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 1
     assert_stored(s3, bucket, {"good": features})
+
+
+def test_failures_are_told_once_and_the_sink_debug_lines_still_flow(
+    tmp_path: Path, bucket: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    write_source(tmp_path / "good.ndjson", list(synthetic_detections(3)))
+    (tmp_path / "bad.ndjson").write_bytes(b'{"type": "Feature", "properties": {"n": 1}}\n{not json\n')
+    with caplog.at_level(logging.DEBUG, logger="model_runner.sink.s3_sink"):
+        status, out, err = run(capsys, str(tmp_path), "--bucket", bucket, "--prefix", PREFIX)
+    assert (status, out[-1]) == (1, "written 1, skipped 0, failed 1")
+    assert err.count("bad.ndjson") == 1
+    sink_records = [record for record in caplog.records if record.name == "model_runner.sink.s3_sink"]
+    assert [record.levelno for record in sink_records] == [logging.DEBUG]
+    assert sink_records[0].key == f"{PREFIX}/good.geojson"
 
 
 def test_dry_run_lists_and_writes_nothing(

@@ -353,9 +353,10 @@ async def run_sources(
 
 @contextmanager
 def _quiet_sink_errors() -> Iterator[None]:
-    # The job reports each failure with its file; the sink's own log line would only say it again.
+    # The job reports each failure with its file; the sink's own error line would only say it again. Its debug
+    # lines, which say what was stored, still go to whoever listens.
     def drop(record: logging.LogRecord) -> bool:
-        return False
+        return record.levelno < logging.ERROR
 
     _sink_logger.addFilter(drop)
     try:
