@@ -92,6 +92,32 @@ async def test_a_progress_callback_that_raises_fails_the_write_and_stores_nothin
     assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)
 
 
+async def test_a_progress_callback_failing_once_the_object_is_stored_does_not_fail_the_write(
+    bucket: str, s3: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def break_at_the_end(done: int, features: int) -> None:
+        if features == 3:
+            raise RuntimeError("progress bar closed")
+
+    with caplog.at_level(logging.WARNING, logger="model_runner.sink.s3_sink"):
+        result = await AsyncS3Sink(bucket, "late").write_with_result(
+            "image", synthetic_detections(3), on_progress=break_at_the_end
+        )
+    assert s3.head_object(Bucket=bucket, Key=result.key)["ContentLength"] == result.bytes
+    assert any("on_progress failed" in record.getMessage() for record in caplog.records)
+
+
+async def test_an_encoding_failure_is_logged_with_the_feature_index(
+    bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    features = [*synthetic_detections(2), {"type": "Feature", "properties": {"bad": {1}}}]
+    with caplog.at_level(logging.ERROR, logger="model_runner.sink.s3_sink"), pytest.raises(TypeError):
+        await AsyncS3Sink(bucket, "bad").write("image", features)
+    (record,) = caplog.records
+    assert "FeatureEncodingError" in record.getMessage()
+    assert "feature 2" in record.getMessage()
+
+
 @pytest.mark.parametrize("count", [10, MULTIPART_COUNT], ids=["put", "multipart"])
 async def test_metadata_is_stored_with_the_object_and_read_back(bucket: str, s3: Any, count: int) -> None:
     sink = AsyncS3Sink(bucket, "meta", settings=MULTIPART)

@@ -19,6 +19,7 @@ from model_runner.api import SinkMode, SinkType
 from model_runner.sink.clients import ClientOptions, SharedClient, shared_client
 from model_runner.sink.credentials import Clock
 from model_runner.sink.encoding import EncodingStats, FeatureSource, encode_collection
+from model_runner.sink.exceptions import FeatureEncodingError, SinkError
 from model_runner.sink.metrics import SinkMetrics, error_type
 from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import SinkSettings
@@ -236,7 +237,8 @@ class AsyncS3Sink(AsyncSink):
         ``on_progress`` serves progress bars: it is called on the event loop thread after each part S3 stores
         and once more when the object is stored, with the bytes stored so far and the features those bytes hold;
         both only grow, and the last call gives the result's ``bytes`` and ``features``. An exception it raises
-        fails the write, which then stores nothing.
+        fails the write, which then stores nothing; one raised by the last call, once the object is stored, is
+        logged and ignored.
 
         :param image_id: The identifier for the image, used to generate the S3 object key.
         :param features: GeoJSON features: a list, any iterable, or an async iterable.
@@ -382,7 +384,11 @@ class _WriteWatch:
 
     def finished(self, result: WriteResult) -> None:
         if self._on_progress is not None:
-            self._on_progress(result.bytes, result.features)
+            try:
+                self._on_progress(result.bytes, result.features)
+            except Exception:
+                # The object is stored: a progress bar failing now must not make the write look failed.
+                logger.warning("on_progress failed after s3://%s/%s was stored", self.bucket, self.key, exc_info=True)
         logger.debug(
             "wrote s3://%s/%s: %d bytes, %d features in %.3f s",
             result.bucket,
@@ -431,8 +437,12 @@ class _WriteWatch:
                 extra=extra,
             )
         else:
-            # The message of our own errors names a feature index or a role, never a feature's contents.
-            logger.error("write of s3://%s/%s failed: %s", self.bucket, self.key, error_type(error), extra=extra)
+            # Our own errors' messages name a feature index or a role, never a feature's contents or a secret;
+            # of any other error, only its type is logged.
+            detail = f"{error_type(error)}: {error}" if isinstance(error, (SinkError, FeatureEncodingError)) else ""
+            logger.error(
+                "write of s3://%s/%s failed: %s", self.bucket, self.key, detail or error_type(error), extra=extra
+            )
         self._tell("write_failed", self.bucket, self.key, error, seconds)
 
     def _tell(self, hook: str, *args: Any) -> None:
