@@ -188,7 +188,7 @@ class AsyncS3Sink(AsyncSink):
     async def aclose(self) -> None:
         """
         Let go of the sink. It holds no connection between writes: the S3 client it shares with sinks configured
-        alike closes once unused for 30 s, or when the event loop shuts down.
+        alike closes once unused for 5 minutes, or when the event loop shuts down.
         """
 
     async def write(

@@ -24,8 +24,10 @@ from model_runner.sink.upload import ByteBudget
 
 __all__ = ["IDLE_SECONDS", "ClientOptions", "SharedClient", "SharedClients", "shared_client"]
 
-# A client outlives its last sink this long, so sinks created one after another reuse its connections.
-IDLE_SECONDS = 30.0
+# A client outlives its last sink this long, so that a service writing now and then does not pay for a new one:
+# creating a client stalls the event loop ~40 ms (aiohttp loads the CA bundle on the loop thread). Kept, it holds
+# no socket: aiohttp closes idle connections after its keep-alive timeout.
+IDLE_SECONDS = 300.0
 
 # The standard variables that decide where a session's clients go and who they are: sessions and clients are
 # reused only while these are unchanged, so a process that repoints them gets new ones.
