@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import posixpath
 import tempfile
 import threading
 from abc import ABC, abstractmethod
@@ -34,6 +33,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from model_runner.sink import AsyncS3Sink, S3Sink, SinkSettings
+from model_runner.sink.async_s3_sink import object_key
 from model_runner.sink.results import WriteResult
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "Job",
     "SeedS3Sink",
     "make_contender",
-    "object_key",
 ]
 
 MiB = 1024 * 1024
@@ -75,17 +74,6 @@ IMAGE_ID = "2b5f7c4e-0d1a-4c6e-9a8b-3f2e1d0c9b8a:s3://imagery/{name}.tif"
 WARM_UP = "warm-up"
 
 Job = tuple[str, Any]
-
-
-def object_key(prefix: str, image_id: str) -> str:
-    """
-    Where a collection lands, as the seed names it: the image id's last ``/`` segment plus ``.geojson``.
-
-    :param prefix: The key prefix.
-    :param image_id: The image id.
-    :return: The object's key.
-    """
-    return posixpath.join(prefix, image_id.split("/")[-1] + ".geojson")
 
 
 class SeedS3Sink:
@@ -223,11 +211,10 @@ class Contender(ABC):
         """
         if not self.results:
             return None
-        uploads = [result.upload_seconds for result in self.results if hasattr(result, "upload_seconds")]
         return {
             "writes": len(self.results),
             "seconds": max(result.seconds for result in self.results),
-            "upload_seconds": max(uploads) if uploads else None,
+            "upload_seconds": max(result.upload_seconds for result in self.results),
             "encode_seconds": sum(result.encode_seconds for result in self.results),
             **{
                 name: sum(getattr(result, name) for result in self.results)

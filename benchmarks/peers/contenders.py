@@ -38,11 +38,11 @@ from aiobotocore.config import AioConfig
 from botocore.config import Config
 from obstore.store import S3Store
 
-from benchmarks.contenders import Contender, Job, object_key
+from benchmarks.contenders import Contender, Job
+from model_runner.sink.async_s3_sink import object_key
+from model_runner.sink.encoding import COLLECTION_HEAD, COLLECTION_TAIL
 
 __all__ = ["PEERS"]
-
-HEAD = b'{"type":"FeatureCollection","features":['
 
 
 def _config(kind: type[Config] = Config) -> Any:
@@ -188,10 +188,10 @@ class SmartOpenPeer(Contender):
     def _write(self, image_id: str, features: Iterable[Any]) -> int:
         url = f"s3://{self.bucket}/{object_key(self.prefix, image_id)}"
         with smart_open.open(url, "wb", transport_params={"client": self._client}) as stream:
-            size = stream.write(HEAD)
+            size = stream.write(COLLECTION_HEAD)
             for index, feature in enumerate(features):
                 size += stream.write(b"," + orjson.dumps(feature) if index else orjson.dumps(feature))
-            size += stream.write(b"]}")
+            size += stream.write(COLLECTION_TAIL)
         return size
 
 
