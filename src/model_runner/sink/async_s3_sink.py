@@ -355,7 +355,8 @@ class _WriteWatch:
         self.key = key
         self.stats = EncodingStats(marks=[] if on_progress is not None else None)
         self._on_progress = on_progress
-        self._metrics = metrics
+        # The base class's hooks do nothing: no metrics is one more listener, not a special case.
+        self._metrics = metrics or SinkMetrics()
         self._started = time.perf_counter()
         self._bytes_done = 0
         self._features_done = 0
@@ -365,10 +366,10 @@ class _WriteWatch:
         return time.perf_counter() - self._started
 
     def started(self) -> None:
-        self._tell("write_started", self.bucket, self.key)
+        self._tell(self._metrics.write_started, self.bucket, self.key)
 
     def part_stored(self, number: int, size: int) -> None:
-        self._tell("part_uploaded", self.bucket, self.key, number, size)
+        self._tell(self._metrics.part_uploaded, self.bucket, self.key, number, size)
         marks = self.stats.marks
         if self._on_progress is None or marks is None:
             return
@@ -380,7 +381,7 @@ class _WriteWatch:
         self._on_progress(self._bytes_done, self._features_done)
 
     def retried(self, operation: str, retries: int) -> None:
-        self._tell("request_retried", self.bucket, self.key, operation, retries)
+        self._tell(self._metrics.request_retried, self.bucket, self.key, operation, retries)
 
     def finished(self, result: WriteResult) -> None:
         if self._on_progress is not None:
@@ -406,7 +407,7 @@ class _WriteWatch:
                 "seconds": result.seconds,
             },
         )
-        self._tell("write_finished", result)
+        self._tell(self._metrics.write_finished, result)
 
     def failed(self, error: BaseException) -> None:
         seconds = self.elapsed()
@@ -426,7 +427,7 @@ class _WriteWatch:
             extra["operation"] = error.operation_name
             extra["retries"] = int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
             if extra["retries"]:
-                self._tell("request_retried", self.bucket, self.key, error.operation_name, extra["retries"])
+                self._tell(self._metrics.request_retried, self.bucket, self.key, error.operation_name, extra["retries"])
             logger.error(
                 "write of s3://%s/%s failed: %s on %s, request id %s",
                 self.bucket,
@@ -439,17 +440,15 @@ class _WriteWatch:
         else:
             # Our own errors' messages name a feature index or a role, never a feature's contents or a secret;
             # of any other error, only its type is logged.
-            detail = f"{error_type(error)}: {error}" if isinstance(error, (SinkError, FeatureEncodingError)) else ""
-            logger.error(
-                "write of s3://%s/%s failed: %s", self.bucket, self.key, detail or error_type(error), extra=extra
-            )
-        self._tell("write_failed", self.bucket, self.key, error, seconds)
+            ours = isinstance(error, (SinkError, FeatureEncodingError))
+            reason = f"{error_type(error)}: {error}" if ours else error_type(error)
+            logger.error("write of s3://%s/%s failed: %s", self.bucket, self.key, reason, extra=extra)
+        self._tell(self._metrics.write_failed, self.bucket, self.key, error, seconds)
 
-    def _tell(self, hook: str, *args: Any) -> None:
-        if self._metrics is None:
-            return
+    @staticmethod
+    def _tell(hook: Callable[..., None], *args: Any) -> None:
         try:
-            getattr(self._metrics, hook)(*args)
+            hook(*args)
         except Exception:
             # Metrics must never cost a write.
-            logger.warning("metrics hook %s failed", hook, exc_info=True)
+            logger.warning("metrics hook %s failed", hook.__name__, exc_info=True)
