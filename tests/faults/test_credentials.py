@@ -5,6 +5,7 @@ STS is reached through the fault proxy, which counts the AssumeRole calls and ca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from datetime import datetime, timedelta, timezone
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from botocore.exceptions import ClientError
 
 from model_runner.demo import synthetic_detections
 from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, S3Sink
@@ -203,3 +205,253 @@ async def test_credentials_expiring_mid_upload_are_refreshed_and_the_upload_comp
     assert access_key_ids(proxy, "CompleteMultipartUpload") == [second]
     stored = s3.get_object(Bucket=bucket, Key="mid/image.geojson")["Body"].read()
     assert orjson.loads(stored)["features"] == features
+
+
+# -- STS outages, denials, short lifetimes and clock skew --------------------------------------------------------
+
+STS_FAULTS = {
+    "unavailable": Rule({"AssumeRole"}, "refuse", status=503, code="ServiceUnavailable", message="busy"),
+    "throttled": Rule({"AssumeRole"}, "refuse", status=400, code="Throttling", message="Rate exceeded"),
+    "reset": Rule({"AssumeRole"}, "reset"),
+}
+
+
+def issued_key_ids(proxy: FaultProxy) -> list[str]:
+    return [
+        re.search(r"<AccessKeyId>([^<]+)</AccessKeyId>", body.decode()).group(1)  # type: ignore[union-attr]
+        for body in proxy.query_bodies("AssumeRole")
+    ]
+
+
+def warnings_about_refresh(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in caplog.records
+        if record.name == "model_runner.sink.credentials" and record.levelno == logging.WARNING
+    ]
+
+
+def uploads_left(s3: Any, bucket: str) -> list[str]:
+    return [upload["Key"] for upload in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+@pytest.mark.parametrize("fault", sorted(STS_FAULTS))
+async def test_sts_failing_near_expiry_keeps_the_current_credentials_until_they_expire(
+    proxy: FaultProxy, bucket: str, s3: Any, caplog: pytest.LogCaptureFixture, fault: str
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="model_runner")
+    clock = proxy.sts_clock = Clock()
+    sink = AsyncS3Sink(bucket, "outage", ROLE, endpoint_url=proxy.url, sts_endpoint_url=proxy.url, clock=clock)
+    assert await sink.write("before", FEATURES)
+    rule = proxy.add_rule(STS_FAULTS[fault])
+    # Inside the 10-minute window where botocore raises every refresh failure, then a minute before expiry.
+    for minutes_left in (8, 1):
+        clock.offset = timedelta(minutes=60 - minutes_left)
+        assert await sink.write(f"left-{minutes_left}", FEATURES)
+    assert rule.applied >= 2, "each write past the pause tries STS again"
+    [first] = issued_key_ids(proxy)
+    assert set(access_key_ids(proxy, "PutObject")) == {first}
+    assert len(warnings_about_refresh(caplog)) == 1, "one warning per run of failures"
+    # STS back: the next write past the pause gets new credentials.
+    proxy.clear_rules()
+    clock.offset = timedelta(minutes=60, seconds=-20)
+    assert await sink.write("after", FEATURES)
+    assert access_key_ids(proxy, "PutObject")[-1] == issued_key_ids(proxy)[-1] != first
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 4
+
+
+async def test_concurrent_writes_during_an_sts_outage_share_one_refresh_attempt(proxy: FaultProxy, bucket: str) -> None:
+    clock = proxy.sts_clock = Clock()
+    sink = role_sink(proxy, bucket, clock=clock)
+    assert await sink.write("before", FEATURES)
+    proxy.add_rule(STS_FAULTS["unavailable"])
+    clock.offset = timedelta(minutes=55)
+    stored: list[bool] = []
+
+    async def write(i: int) -> None:
+        stored.append(await sink.write(f"image-{i}", FEATURES))
+
+    async with anyio.create_task_group() as group:
+        for i in range(20):
+            group.start_soon(write, i)
+    assert stored == [True] * 20
+    # The writes waiting for the refresh carry on when it fails, rather than each asking STS again in turn.
+    attempts_of_one_refresh = 3  # botocore's standard mode
+    assert proxy.count("AssumeRole") == 1 + attempts_of_one_refresh
+
+
+async def test_credentials_expired_while_sts_is_down_fail_the_write_naming_the_cause(
+    proxy: FaultProxy, bucket: str
+) -> None:
+    clock = proxy.sts_clock = Clock()
+    sink = role_sink(proxy, bucket, clock=clock)
+    assert await sink.write("before", FEATURES)
+    proxy.add_rule(STS_FAULTS["unavailable"])
+    clock.offset = timedelta(minutes=61)
+    with pytest.raises(InvalidAssumedRoleException, match="ServiceUnavailable") as raised:
+        await sink.write("after", FEATURES)
+    assert "expired" in str(raised.value) and raised.value.role_arn == ROLE
+
+
+@pytest.mark.parametrize("minutes_left", [12, 5])
+async def test_a_denial_near_expiry_fails_new_writes_at_once(
+    proxy: FaultProxy, bucket: str, s3: Any, minutes_left: int
+) -> None:
+    clock = proxy.sts_clock = Clock()
+    sink = role_sink(proxy, bucket, clock=clock)
+    assert await sink.write("before", FEATURES)
+    proxy.add_rule(Rule({"AssumeRole"}, "refuse", status=403, code="AccessDenied"))
+    # 12 minutes left is botocore's advisory window, where it ignores any failure, a denial too.
+    clock.offset = timedelta(minutes=60 - minutes_left)
+    for attempt in range(2):
+        with anyio.fail_after(10), pytest.raises(InvalidAssumedRoleException, match="AccessDenied"):
+            await sink.write(f"denied-{attempt}", FEATURES)
+    # Not retried, and the second write learns of the denial without asking STS again.
+    assert proxy.count("AssumeRole") == 2
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 1
+
+
+def multipart_role_sink(proxy: FaultProxy, bucket: str, clock: Clock) -> AsyncS3Sink:
+    from model_runner.sink import SinkSettings
+    from model_runner.sink.settings import MiB
+
+    # One slow part at a time, so that STS can fail and the clock move while the upload is under way.
+    proxy.add_rule(Rule({"UploadPart"}, "delay", delay=0.3))
+    settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_parts_in_flight=1)
+    return AsyncS3Sink(
+        bucket, "mid", ROLE, endpoint_url=proxy.url, sts_endpoint_url=proxy.url, settings=settings, clock=clock
+    )
+
+
+async def wait_for(proxy: FaultProxy, operation: str, count: int) -> None:
+    with anyio.fail_after(60):
+        while proxy.count(operation) < count:  # noqa: ASYNC110 - the proxy counts in its own thread
+            await anyio.sleep(0.01)
+
+
+LARGE = list(synthetic_detections(30_000, seed=8))
+
+
+@pytest.mark.parametrize("sts_answer", ["ServiceUnavailable", "AccessDenied"])
+async def test_sts_failing_mid_upload_lets_the_upload_complete_with_the_current_credentials(
+    proxy: FaultProxy, bucket: str, s3: Any, sts_answer: str
+) -> None:
+    clock = proxy.sts_clock = Clock()
+    sink = multipart_role_sink(proxy, bucket, clock)
+    async with anyio.create_task_group() as group:
+        group.start_soon(sink.write_with_result, "image", LARGE)
+        await wait_for(proxy, "UploadPart", 1)
+        status = 503 if sts_answer == "ServiceUnavailable" else 403
+        proxy.add_rule(Rule({"AssumeRole"}, "refuse", status=status, code=sts_answer))
+        clock.offset = timedelta(minutes=52)  # 8 minutes left: every request now asks STS first
+    assert proxy.count("AssumeRole") > 1
+    [first] = issued_key_ids(proxy)
+    assert set(access_key_ids(proxy, "UploadPart")) == {first}
+    assert access_key_ids(proxy, "CompleteMultipartUpload") == [first]
+    assert orjson.loads(s3.get_object(Bucket=bucket, Key="mid/image.geojson")["Body"].read())["features"] == LARGE
+    assert uploads_left(s3, bucket) == []
+
+
+@pytest.mark.parametrize("ending", ["failed", "cancelled"])
+async def test_an_upload_ending_during_an_sts_outage_is_aborted_with_the_current_credentials(
+    proxy: FaultProxy, bucket: str, s3: Any, ending: str
+) -> None:
+    clock = proxy.sts_clock = Clock()
+    sink = multipart_role_sink(proxy, bucket, clock)
+
+    async def write() -> None:
+        with pytest.raises(ClientError, match="InvalidRequest") if ending == "failed" else contextlib.nullcontext():
+            await sink.write_with_result("image", LARGE)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(write)
+        await wait_for(proxy, "UploadPart", 1)
+        if ending == "failed":
+            proxy.clear_rules()
+            proxy.add_rule(Rule({"UploadPart"}, "refuse", status=400, code="InvalidRequest"))
+        proxy.add_rule(STS_FAULTS["unavailable"])
+        clock.offset = timedelta(minutes=52)
+        if ending == "cancelled":
+            # Cancelled once a part has been signed through the failing refresh.
+            await wait_for(proxy, "AssumeRole", 4)
+            await wait_for(proxy, "UploadPart", proxy.count("UploadPart") + 1)
+            group.cancel_scope.cancel()
+    [first] = issued_key_ids(proxy)
+    assert access_key_ids(proxy, "AbortMultipartUpload") == [first]
+    assert uploads_left(s3, bucket) == []
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
+
+
+async def test_credentials_expiring_mid_upload_while_sts_is_down_fail_the_write_naming_the_cause(
+    proxy: FaultProxy, bucket: str, s3: Any
+) -> None:
+    clock = proxy.sts_clock = Clock()
+    sink = multipart_role_sink(proxy, bucket, clock)
+
+    async def write() -> None:
+        with pytest.raises(InvalidAssumedRoleException, match=r"ServiceUnavailable.*expired"):
+            await sink.write_with_result("image", LARGE)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(write)
+        await wait_for(proxy, "UploadPart", 1)
+        proxy.add_rule(STS_FAULTS["unavailable"])
+        clock.offset = timedelta(minutes=61)
+    # Nothing can sign the abort: the upload stays until a lifecycle rule (AbortIncompleteMultipartUpload) ends it.
+    assert uploads_left(s3, bucket) == ["mid/image.geojson"]
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
+
+
+async def test_short_lived_credentials_are_refreshed_only_near_expiry(proxy: FaultProxy, bucket: str) -> None:
+    from model_runner.sink import SinkSettings
+
+    clock = proxy.sts_clock = Clock()
+    sink = role_sink(proxy, bucket, clock=clock, settings=SinkSettings(role_duration_seconds=900))
+    for i in range(5):
+        assert await sink.write(f"image-{i}", FEATURES)
+    assert proxy.count("AssumeRole") == 1
+    # Derived windows for 900 s: every write refreshes past 225 s left, the first to come past 450 s left.
+    clock.offset = timedelta(seconds=420)
+    assert await sink.write("still-fresh", FEATURES)
+    assert proxy.count("AssumeRole") == 1
+    clock.offset = timedelta(seconds=480)
+    assert await sink.write("refreshed", FEATURES)
+    assert await sink.write("refreshed-once", FEATURES)
+    assert proxy.count("AssumeRole") == 2
+
+
+@pytest.mark.parametrize(("duration", "refresh_seconds"), [(900, 451), (3600, 1801), (3600, -1)])
+def test_an_explicit_refresh_window_over_half_the_credentials_life_is_refused(
+    duration: int, refresh_seconds: int
+) -> None:
+    from model_runner.sink import SinkSettings
+
+    with pytest.raises(ValueError, match="half of role_duration_seconds"):
+        SinkSettings(role_duration_seconds=duration, credential_refresh_seconds=refresh_seconds)
+
+
+def test_the_refresh_window_is_derived_from_the_duration_unless_given() -> None:
+    from model_runner.sink import SinkSettings
+    from model_runner.sink.credentials import refresh_windows
+
+    assert SinkSettings().credential_refresh_seconds is None
+    assert SinkSettings(role_duration_seconds=900, credential_refresh_seconds=450).credential_refresh_seconds == 450
+    assert refresh_windows(3600) == (600, 900)
+    assert refresh_windows(900) == (225, 450)
+    assert refresh_windows(43200) == (600, 900)
+    assert refresh_windows(3600, 1800) == (1800, 2100)
+    assert refresh_windows(900, 0) == (0, 225)
+
+
+@pytest.mark.parametrize("minutes_ahead", [61, 50])
+async def test_a_local_clock_far_ahead_of_sts_raises_naming_the_clock_skew(
+    proxy: FaultProxy, bucket: str, minutes_ahead: int
+) -> None:
+    # STS answers by the real time; the sink's clock is ahead of it.
+    clock = Clock()
+    clock.offset = timedelta(minutes=minutes_ahead)
+    sink = role_sink(proxy, bucket, clock=clock)
+    with pytest.raises(InvalidAssumedRoleException, match="clock skew") as raised:
+        await sink.write("skewed", FEATURES)
+    assert raised.value.role_arn == ROLE
+    assert proxy.count("AssumeRole") == 1

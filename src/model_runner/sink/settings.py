@@ -43,9 +43,11 @@ class SinkSettings:
     :param max_attempts: Attempts per request, or `None` for ``AWS_MAX_ATTEMPTS`` or botocore's default.
     :param retry_mode: botocore retry mode, or `None` for ``AWS_RETRY_MODE``, else `"standard"`.
     :param role_session_name: Session name of assumed roles.
-    :param role_duration_seconds: Lifetime of assumed-role credentials.
-    :param credential_refresh_seconds: Assumed-role credentials are refreshed when fewer than this many
-        seconds of their life remain.
+    :param role_duration_seconds: Lifetime of assumed-role credentials, 900 to 43,200 seconds.
+    :param credential_refresh_seconds: Assumed-role credentials are refreshed when fewer than this many seconds
+        of their life remain, at most half of it; `None` (the default) for the lesser of 600 s and a quarter of
+        ``role_duration_seconds``. The first write to come refreshes them up to 300 s (at most a quarter of their
+        life) earlier, while the others carry on.
     """
 
     part_size: int = 8 * MiB
@@ -66,7 +68,7 @@ class SinkSettings:
     retry_mode: Literal["standard", "adaptive", "legacy"] | None = None
     role_session_name: str = "model-runner-sink"
     role_duration_seconds: int = 3600
-    credential_refresh_seconds: int = 600
+    credential_refresh_seconds: int | None = None
 
     def __post_init__(self) -> None:
         if not MIN_PART_SIZE <= self.part_size <= MAX_PART_SIZE:
@@ -90,8 +92,13 @@ class SinkSettings:
             raise ValueError("max_attempts must be at least 1")
         if not 900 <= self.role_duration_seconds <= 43200:
             raise ValueError("role_duration_seconds must be between 900 and 43200")
-        if not 0 <= self.credential_refresh_seconds < self.role_duration_seconds:
-            raise ValueError("credential_refresh_seconds must be shorter than role_duration_seconds")
+        refresh = self.credential_refresh_seconds
+        # Beyond half their life, the earlier advisory window would cover most or all of it: AssumeRole on every write.
+        if refresh is not None and not 0 <= 2 * refresh <= self.role_duration_seconds:
+            raise ValueError(
+                f"credential_refresh_seconds must be between 0 and half of role_duration_seconds "
+                f"({self.role_duration_seconds // 2}), not {refresh}"
+            )
 
     def object_arguments(self) -> dict[str, str]:
         """
