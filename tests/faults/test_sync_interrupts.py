@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -141,6 +142,35 @@ def test_exiting_with_a_write_in_flight_in_another_thread_aborts_it(
         assert marker not in stderr, stderr
 
 
+def test_ctrl_c_while_the_caller_pulls_features_aborts_the_write(
+    proxy: FaultProxy, bucket: str, s3: Any, subprocess_environment: dict[str, str]
+) -> None:
+    script = """
+        import orjson
+        db = sqlite3.connect(":memory:")
+        db.execute("create table detections (feature text)")
+        db.executemany("insert into detections values (?)", [(orjson.dumps(f).decode(),) for f in features])
+
+        def source():
+            for (text,) in db.execute("select feature from detections"):
+                yield orjson.loads(text)
+            print("stalled", flush=True)
+            time.sleep(3600)  # a model still working on the next feature
+
+        sink.write("scene", source())
+    """
+    child = start_child(script, bucket, proxy, subprocess_environment)
+    assert child.stdout is not None
+    assert child.stdout.readline() == "stalled\n"
+    wait_until(lambda: proxy.count("UploadPart") >= 1)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=CHILD_SECONDS)
+    assert child.returncode == -signal.SIGINT, stderr
+    assert "KeyboardInterrupt" in stderr
+    assert proxy.count("AbortMultipartUpload") == 1
+    assert_nothing_left(s3, bucket)
+
+
 @pytest.fixture(scope="module")
 def multipart_features() -> list[dict[str, Any]]:
     return list(synthetic_detections(MULTIPART_COUNT, seed=5))
@@ -190,3 +220,39 @@ def test_a_write_that_finishes_in_time_is_stored(bucket: str, s3: Any) -> None:
 def test_a_timeout_must_be_positive(bucket: str, timeout: float) -> None:
     with pytest.raises(ValueError, match="timeout must be a positive number"):
         S3Sink(bucket, "out").write("scene", [], timeout=timeout)
+
+
+class StallingSource:
+    """Features, then one more every ``pause`` seconds, forever: a source that has stalled."""
+
+    def __init__(self, features: Iterator[dict[str, Any]], pause: float) -> None:
+        self.features = features
+        self.pause = pause
+        self.stalled_features = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self.features
+        while True:
+            time.sleep(self.pause)
+            self.stalled_features += 1
+            yield {"type": "Feature", "geometry": None, "properties": {"late": self.stalled_features}}
+
+
+@pytest.mark.parametrize("count", [0, MULTIPART_COUNT], ids=["single-put", "multipart"])
+def test_a_timeout_while_the_caller_pulls_features_cancels_the_write(
+    proxy: FaultProxy, bucket: str, s3: Any, multipart_features: list[dict[str, Any]], count: int
+) -> None:
+    db = sqlite3.connect(":memory:")
+    db.execute("create table detections (feature text)")
+    db.executemany("insert into detections values (?)", [(orjson.dumps(f).decode(),) for f in multipart_features])
+    rows = db.execute("select feature from detections limit ?", (count,))
+    source = StallingSource((orjson.loads(text) for (text,) in rows), pause=0.01)
+    sink = sink_through(proxy, bucket)
+    with pytest.raises(TimeoutError):
+        sink.write("scene", source, timeout=5)
+    # The deadline is checked between features, not only between batches.
+    assert source.stalled_features < sink.settings.encode_batch_features
+    assert proxy.count("PutObject") == 0
+    assert proxy.count("CompleteMultipartUpload") == 0
+    assert proxy.count("AbortMultipartUpload") == proxy.count("CreateMultipartUpload") == (1 if count else 0)
+    assert_nothing_left(s3, bucket)

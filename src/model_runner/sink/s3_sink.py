@@ -11,19 +11,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_futures
 from datetime import datetime
 from functools import partial
-from typing import Any, TypeVar
+from itertools import islice
+from typing import Any, TypeAlias, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from botocore.config import Config
 
 from model_runner.api import SinkMode
 from model_runner.sink.async_s3_sink import AsyncS3Sink, ProgressCallback
+from model_runner.sink.encoding import FeatureSource
 from model_runner.sink.exceptions import SinkError
 from model_runner.sink.metrics import SinkMetrics
 from model_runner.sink.results import WriteResult
@@ -36,6 +39,9 @@ logger = logging.getLogger(__name__)
 """Where both sinks log, as the seed did: each failed write at error level, each stored object at debug level."""
 
 T = TypeVar("T")
+
+# Features pulled on the caller's thread travel to the write a batch at a time; a failure to pull travels instead.
+_Batch: TypeAlias = "list[Any] | Exception"
 
 # A blocked caller wakes this often, so that Ctrl-C reaches it on every platform (Windows does not interrupt a
 # blocking wait) and its deadline is checked.
@@ -90,6 +96,13 @@ class _Call:
             if time.monotonic() >= deadline:
                 logger.warning("%s was cancelled but had not ended after %.0f s", self._what, _CANCEL_WAIT_SECONDS)
                 return
+
+    @property
+    def has_deadline(self) -> bool:
+        return self._deadline is not None
+
+    def expired(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
 
     def wait(self, *futures: Future[Any]) -> None:
         """
@@ -163,6 +176,10 @@ class _LoopThread:
         if threading.current_thread() is self._thread:
             raise RuntimeError("S3Sink cannot be called from its own event loop; use AsyncS3Sink there")
 
+    def spawn(self, function: Callable[..., Awaitable[T]], *args: Any) -> Future[T]:
+        assert self._portal is not None
+        return self._portal.start_task_soon(function, *args)
+
     def call(self, what: str, timeout: float | None, function: Callable[..., Awaitable[T]], *args: Any) -> T:
         """
         Run a call on the loop and wait for it. Anything that ends the wait early (Ctrl-C, the deadline) cancels
@@ -187,6 +204,109 @@ class _LoopThread:
         with contextlib.suppress(RuntimeError):  # the loop has already stopped
             self._portal.call(self._portal.stop, True)
         self._thread.join(_CANCEL_WAIT_SECONDS + _EXIT_CLOSE_SECONDS)
+
+
+def _pulled_by_caller(features: object) -> bool:
+    # Lists and tuples are not tied to a thread; async iterables belong to the loop; anything that is not a
+    # collection of features is refused by the write itself.
+    return isinstance(features, Iterable) and not isinstance(
+        features, (list, tuple, str, bytes, bytearray, Mapping, AsyncIterable)
+    )
+
+
+def _pull(iterator: Iterator[Any], count: int, call: _Call) -> tuple[_Batch, bool]:
+    """
+    Pull the next batch of features on this thread.
+
+    :return: The batch, or the error the iterator raised; whether the iterator is exhausted.
+    """
+    batch: list[Any] = []
+    try:
+        if not call.has_deadline:
+            batch.extend(islice(iterator, count))
+            return batch, len(batch) < count
+        # With a deadline, it is checked between features: a slow source must not hold the caller past it.
+        for feature in iterator:
+            batch.append(feature)
+            if len(batch) >= count or call.expired():
+                return batch, False
+    except Exception as error:
+        return error, True
+    return batch, True
+
+
+async def _unbatched(batches: MemoryObjectReceiveStream[_Batch]) -> AsyncIterator[Any]:
+    async for batch in batches:
+        if isinstance(batch, Exception):
+            raise batch
+        for feature in batch:
+            yield feature
+
+
+async def _write_fed(
+    write: Callable[[FeatureSource], Awaitable[T]],
+    send: MemoryObjectSendStream[_Batch],
+    receive: MemoryObjectReceiveStream[_Batch],
+) -> T:
+    # Closing both ends when the write ends wakes a caller handing over a batch, whatever the write's outcome.
+    with send, receive:
+        return await write(_unbatched(receive))
+
+
+def _call_fed(
+    loop_thread: _LoopThread,
+    what: str,
+    timeout: float | None,
+    write: Callable[[FeatureSource], Awaitable[T]],
+    features: Iterable[Any],
+    batch_features: int,
+) -> T:
+    """
+    Run a write on the loop with its features pulled on this thread, which would only wait otherwise, and handed
+    over a batch at a time as the write takes them: memory stays bounded, and a source tied to this thread (an
+    sqlite3 cursor, a thread-local session) works.
+
+    :return: What the write returned.
+    :raises TimeoutError: If it did not finish within ``timeout`` seconds.
+    """
+    loop_thread.check_caller()
+    iterator = iter(features)
+    send, receive = anyio.create_memory_object_stream[_Batch](1)
+    call = loop_thread.start(what, timeout, _write_fed, write, send, receive)
+    try:
+        _feed(loop_thread, call, iterator, send, batch_features)
+        call.wait(call.future)
+    except BaseException:
+        call.cancel()
+        raise
+    result: T = call.result()
+    return result
+
+
+def _feed(
+    loop_thread: _LoopThread, call: _Call, iterator: Iterator[Any], send: MemoryObjectSendStream[_Batch], count: int
+) -> None:
+    while True:
+        batch, exhausted = _pull(iterator, count, call)
+        if call.expired():
+            raise call.timed_out()
+        if (isinstance(batch, Exception) or batch) and not _hand_over(loop_thread, call, send.send, batch):
+            return
+        if exhausted:
+            _hand_over(loop_thread, call, send.aclose)
+            return
+
+
+def _hand_over(loop_thread: _LoopThread, call: _Call, step: Callable[..., Awaitable[None]], *args: Any) -> bool:
+    """
+    Run a step of the hand-over on the loop, and wait until it is done or the write has ended.
+
+    :return: Whether the write goes on.
+    """
+    handed = loop_thread.spawn(step, *args)
+    call.wait(handed, call.future)
+    # A step fails only because the write has ended and closed the stream: its own outcome tells why.
+    return not call.future.done() and not handed.cancelled() and handed.exception() is None
 
 
 def _checked(timeout: float | None) -> float | None:
@@ -331,6 +451,8 @@ class S3Sink(Sink):
         Write aggregated GeoJSON feature collection to the S3 bucket.
 
         The features are streamed to the object derived from ``image_id``; the object appears whole or not at all.
+        A plain iterable (a generator, a database cursor) is pulled on the calling thread, a batch at a time as the
+        upload takes them, so a source tied to its thread works; lists and tuples are taken as they are.
 
         The write is cancelled if it runs out of ``timeout``, or if the wait is interrupted (Ctrl-C): the call then
         waits, up to 60 s, for the write to abort its upload (a second Ctrl-C stops waiting), and raises. A write
@@ -344,7 +466,7 @@ class S3Sink(Sink):
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
             thread.
-        :param timeout: Seconds the write may take; `None` for no limit.
+        :param timeout: Seconds the write may take, features pulled included; `None` for no limit.
         :return: `True` if the upload was successful, `False` otherwise.
 
         :raises ClientError: If there are errors while uploading the file to S3.
@@ -364,14 +486,14 @@ class S3Sink(Sink):
         """
         Write aggregated GeoJSON feature collection to the S3 bucket, and tell what the write did.
 
-        The write is cancelled as by :meth:`write`.
+        Features are pulled, and the write cancelled, as by :meth:`write`.
 
         :param image_id: The identifier for the image, used to generate the S3 object key.
         :param features: A list (or any iterable) of GeoJSON features.
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
             thread; the last call gives the result's ``bytes`` and ``features``.
-        :param timeout: Seconds the write may take; `None` for no limit.
+        :param timeout: Seconds the write may take, features pulled included; `None` for no limit.
         :return: The stored object's key, size, checksum and costs.
         :raises ClientError: If S3 refuses the upload, after retries, a missing bucket included.
         :raises TimeoutError: If the write did not finish within ``timeout``; it was cancelled.
@@ -400,6 +522,11 @@ class S3Sink(Sink):
         on_progress: ProgressCallback | None,
         timeout: float | None,
     ) -> T:
+        # A bad image id fails here, as it would on the loop, but before any feature is pulled.
         what = f"write of s3://{self.bucket}/{self._sink.object_key(image_id)}"
         write = partial(method, image_id, metadata=metadata, on_progress=on_progress)
-        return _shared_loop().call(what, _checked(timeout), write, features)
+        loop_thread = _shared_loop()
+        if _pulled_by_caller(features):
+            batch_features = self.settings.encode_batch_features
+            return _call_fed(loop_thread, what, _checked(timeout), write, features, batch_features)
+        return loop_thread.call(what, _checked(timeout), write, features)
