@@ -199,6 +199,31 @@ def test_close_shared_clients_closes_them_and_lets_the_loop_go() -> None:
     assert alive([reference]) == 0
 
 
+def test_close_shared_clients_waits_for_the_calls_holding_a_client_even_those_starting_meanwhile() -> None:
+    async def main() -> None:
+        registry = clients.SharedClients.of_running_loop()
+        first = await registry.acquire("first", FakeClient, SETTINGS)
+        closing = asyncio.create_task(sink_package.close_shared_clients())
+        await asyncio.sleep(0)
+        # A call starting while the clients close still gets one, and the closing waits for it too.
+        second = await registry.acquire("second", FakeClient, SETTINGS)
+        registry.release(first)
+        await asyncio.sleep(0.01)
+        assert not closing.done()
+        assert not first.client.closed and not second.client.closed
+        registry.release(second)
+        await asyncio.wait_for(closing, 30)
+        assert first.client.closed and second.client.closed
+        # Once closed, the loop's calls get new clients.
+        again = clients.SharedClients.of_running_loop()
+        assert again is not registry
+        entry = await again.acquire("first", FakeClient, SETTINGS)
+        assert not entry.client.closed
+        again.release(entry)
+
+    asyncio.run(main())
+
+
 # With real clients, against the moto server.
 
 

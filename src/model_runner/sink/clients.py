@@ -199,12 +199,14 @@ class SharedClients:
         self._lock = asyncio.Lock()
         # Calls creating a client: they hold it as soon as it exists, so closing waits for them too.
         self._creating = 0
-        self._closing_idle: set[asyncio.Task[None]] = set()
+        # Clients closed apart from close(), which waits for them.
+        self._closing_tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._closed = False
         # Set once no call holds a client, while closing.
         self._released: asyncio.Future[None] | None = None
-        self._guard = self._loop.create_task(self._close_when_loop_ends())
+        # Named, as it shows among the loop's tasks for as long as the loop runs.
+        self._guard = self._loop.create_task(self._close_when_loop_ends(), name="close shared S3 clients at loop end")
 
     @staticmethod
     def of_running_loop() -> SharedClients:
@@ -293,9 +295,11 @@ class SharedClients:
                 if entry.expiry is not None:
                     entry.expiry.cancel()
                 await _close_client(entry)
-            if self._closing_idle:
-                await asyncio.wait(self._closing_idle, timeout=CLOSE_WAIT_SECONDS)
-            _forget_loop(self._loop)
+            if self._closing_tasks:
+                await asyncio.wait(self._closing_tasks, timeout=CLOSE_WAIT_SECONDS)
+            if self._loop not in _registries:
+                # Else a call made meanwhile uses the loop's sessions and credentials: its registry forgets them.
+                _forget_loop(self._loop)
 
     async def _create(
         self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]], settings: SinkSettings
@@ -323,8 +327,8 @@ class SharedClients:
 
     def _close_later(self, entry: SharedClient) -> None:
         closing = self._loop.create_task(_close_client(entry))
-        self._closing_idle.add(closing)
-        closing.add_done_callback(self._closing_idle.discard)
+        self._closing_tasks.add(closing)
+        closing.add_done_callback(self._closing_tasks.discard)
 
     async def _close_when_loop_ends(self) -> None:
         try:
