@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from model_runner.sink.async_s3_sink import AsyncS3Sink
+from model_runner.sink.clients import close_shared_clients
 from model_runner.sink.exceptions import (
     ChecksumMismatchError,
     FeatureEncodingError,
@@ -28,4 +29,5 @@ __all__ = [
     "SinkMetrics",
     "SinkSettings",
     "WriteResult",
+    "close_shared_clients",
 ]

@@ -16,7 +16,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from model_runner.api import SinkMode, SinkType
-from model_runner.sink.clients import ClientOptions, SharedClient, shared_client
+from model_runner.sink.clients import CLOSE_WAIT_SECONDS, ClientOptions, InFlight, SharedClient, shared_client
 from model_runner.sink.credentials import Clock
 from model_runner.sink.encoding import EncodingStats, FeatureSource, encode_collection
 from model_runner.sink.exceptions import FeatureEncodingError, SinkError
@@ -145,6 +145,7 @@ class AsyncS3Sink(AsyncSink):
         )
         self._bucket_identity = (bucket, self.settings.expected_bucket_owner)
         self._metrics = metrics
+        self._writes = InFlight()
 
     def __repr__(self) -> str:
         return f"AsyncS3Sink(bucket={self.bucket!r}, prefix={self.prefix!r}, assumed_role={self.assumed_role!r})"
@@ -187,9 +188,17 @@ class AsyncS3Sink(AsyncSink):
 
     async def aclose(self) -> None:
         """
-        Let go of the sink. It holds no connection between writes: the S3 client it shares with sinks configured
-        alike closes once unused for 5 minutes, or when the event loop shuts down.
+        Wait for this sink's writes still running on this event loop to end, their aborts included, for at most
+        ``CLOSE_WAIT_SECONDS``; a write that outlasts it goes on, and is logged.
+
+        The sink holds no connection between writes: the S3 client it shares with sinks configured alike closes
+        once unused for 5 minutes, or when the event loop ends (see
+        :func:`~model_runner.sink.clients.close_shared_clients` for a loop that is closed without
+        ``asyncio.run``).
         """
+        running = await self._writes.wait(CLOSE_WAIT_SECONDS)
+        if running:
+            logger.warning("%r closed with %d write(s) still running after %.0f s", self, running, CLOSE_WAIT_SECONDS)
 
     async def write(
         self,
@@ -254,7 +263,8 @@ class AsyncS3Sink(AsyncSink):
         watch = _WriteWatch(self.bucket, key, on_progress, self._metrics)
         watch.started()
         try:
-            result = await self._write(key, features, metadata, watch)
+            async with self._writes.track():
+                result = await self._write(key, features, metadata, watch)
         except BaseException as error:
             watch.failed(error)
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import weakref
@@ -18,16 +19,31 @@ from botocore import loaders
 from botocore.config import Config
 from botocore.exceptions import ProfileNotFound
 
-from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, refresh
+from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, forget_loop_credentials, refresh
 from model_runner.sink.settings import SinkSettings
-from model_runner.sink.upload import ByteBudget
+from model_runner.sink.upload import ABORT_TIMEOUT_SECONDS, ByteBudget
 
-__all__ = ["IDLE_SECONDS", "ClientOptions", "SharedClient", "SharedClients", "shared_client"]
+__all__ = [
+    "CLOSE_WAIT_SECONDS",
+    "IDLE_SECONDS",
+    "ClientOptions",
+    "InFlight",
+    "SharedClient",
+    "SharedClients",
+    "close_shared_clients",
+    "shared_client",
+]
+
+logger = logging.getLogger(__name__)
 
 # A client outlives its last sink this long, so that a service writing now and then does not pay for a new one:
 # creating a client stalls the event loop ~40 ms (aiohttp loads the CA bundle on the loop thread). Kept, it holds
 # no socket: aiohttp closes idle connections after its keep-alive timeout.
 IDLE_SECONDS = 300.0
+# Closing a loop's clients waits this long at most for the writes still holding one: longer than a write's own
+# bounded clean-up (an answer in flight, then its abort), so that clean-up finishes on an open client, yet a hung
+# S3 cannot hold up a loop's end forever.
+CLOSE_WAIT_SECONDS = 2 * ABORT_TIMEOUT_SECONDS
 
 # The standard variables that decide where a session's clients go and who they are: sessions and clients are
 # reused only while these are unchanged, so a process that repoints them gets new ones.
@@ -90,9 +106,12 @@ class SharedClient:
     limiter: anyio.CapacityLimiter
     # Buckets a request has already reached through this client: checked once, not per write as the seed did.
     checked_buckets: set[Hashable] = field(default_factory=set)
+    # Calls holding the client now: it is closed only when none does.
     users: int = 0
-    taken: asyncio.Event = field(default_factory=asyncio.Event)
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    key: Hashable = field(default=None, repr=False)
+    context: AbstractAsyncContextManager[Any] | None = field(default=None, repr=False)
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    closed: bool = field(default=False, repr=False)
 
 
 @asynccontextmanager
@@ -107,6 +126,8 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
     :return: The shared client.
     :raises InvalidAssumedRoleException: If the role cannot be assumed.
     """
+    # First, so that the loop's sessions and credentials below are let go of with its clients when it ends.
+    SharedClients.of_running_loop()
     environment = tuple(os.environ.get(name) for name in _ENVIRONMENT)
     source = _default_session(environment)
     region = options.region_name or os.environ.get("AWS_REGION") or source.get_config_variable("region")
@@ -124,7 +145,6 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
         credentials = assumed_role_credentials(role, source, clock=options.clock)
         await refresh(credentials, options.assumed_role)
     key = (options, region, credentials, environment)
-    registry = SharedClients.of_running_loop()
 
     def create() -> AbstractAsyncContextManager[Any]:
         session = source
@@ -136,26 +156,57 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
             "s3", region_name=region, endpoint_url=options.endpoint_url, config=_client_config(options, source)
         )
 
+    # Again, with no await before taking: the registry may have closed while the credentials were refreshed.
+    registry = SharedClients.of_running_loop()
     shared = await registry.acquire(key, create, options.settings)
     try:
         yield shared
     finally:
-        registry.release(key)
+        registry.release(shared)
+
+
+async def close_shared_clients() -> None:
+    """
+    Close the S3 clients that sinks share on the running event loop, once the writes holding them are done.
+
+    ``asyncio.run`` and ``anyio.run`` do this by themselves as they end a loop. A loop ended otherwise, e.g.
+    ``loop.run_until_complete(...)`` then ``loop.close()``, needs ``loop.run_until_complete(close_shared_clients())``
+    before it is closed: else its clients are never closed, and the loop is only let go of when another loop
+    takes a client. Writes still holding a client are waited for, aborts included, at most ``CLOSE_WAIT_SECONDS``.
+    A later write on the loop creates a new client.
+    """
+    registry = _registries.get(asyncio.get_running_loop())
+    if registry is not None:
+        await registry.close()
 
 
 class SharedClients:
     """
     The clients of one event loop, by configuration.
 
-    A client is created on first use and kept by a task of the loop. When its last user releases it, that task
-    closes it after ``IDLE_SECONDS`` unless someone takes it again; when the loop shuts down (``asyncio.run``
-    cancels its remaining tasks) the task closes it too, so no client is left to the garbage collector.
+    A client is created on first use. When its last user gives it back, a timer closes it after ``IDLE_SECONDS``
+    unless someone takes it first. A task of the loop waits for the loop's end (``asyncio.run`` cancels it with
+    every other task): then it waits for the calls still holding a client (a cancelled write still has to abort
+    its upload), closes every client and forgets the loop, so that neither client nor loop outlives it.
+
+    :param idle_seconds: How long an unused client is kept; ``IDLE_SECONDS`` by default.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, idle_seconds: float | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle_seconds = IDLE_SECONDS if idle_seconds is None else idle_seconds
         self._entries: dict[Hashable, SharedClient] = {}
         self._lock = asyncio.Lock()
-        self._keepers: set[asyncio.Task[None]] = set()
+        # Calls creating a client: they hold it as soon as it exists, so closing waits for them too.
+        self._creating = 0
+        # Clients closed apart from close(), which waits for them.
+        self._closing_tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._closed = False
+        # Set once no call holds a client, while closing.
+        self._released: asyncio.Future[None] | None = None
+        # Named, as it shows among the loop's tasks for as long as the loop runs.
+        self._guard = self._loop.create_task(self._close_when_loop_ends(), name="close shared S3 clients at loop end")
 
     @staticmethod
     def of_running_loop() -> SharedClients:
@@ -167,6 +218,7 @@ class SharedClients:
         loop = asyncio.get_running_loop()
         registry = _registries.get(loop)
         if registry is None:
+            _forget_closed_loops()
             registry = _registries[loop] = SharedClients()
         return registry
 
@@ -180,31 +232,74 @@ class SharedClients:
         :param create: Makes the client's async context manager, e.g. ``session.create_client(...)``.
         :param settings: Size the byte budget and the thread limiter of a new client.
         :return: The client and what is shared through it; give it back with :meth:`release`.
+        :raises RuntimeError: If these clients are closed.
         """
+        if self._closed:
+            raise RuntimeError("these shared clients are closed: take the loop's new ones with of_running_loop()")
         entry = self._entries.get(key)
         if entry is None:
-            # Creation is rare: serialising it is simpler than a creation in flight per key.
-            async with self._lock:
-                entry = self._entries.get(key)
-                if entry is None:
-                    entry = await self._create(key, create, settings)
+            self._creating += 1
+            try:
+                # Creation is rare: serialising it is simpler than a creation in flight per key.
+                async with self._lock:
+                    entry = self._entries.get(key)
+                    if entry is None:
+                        entry = await self._create(key, create, settings)
+            finally:
+                self._creating -= 1
+                self._check_released()
+        # No await since the lookup: an idle timer cannot close the entry in between.
         entry.users += 1
-        entry.idle.clear()
-        entry.taken.set()
+        if entry.expiry is not None:
+            entry.expiry.cancel()
+            entry.expiry = None
         return entry
 
-    def release(self, key: Hashable) -> None:
+    def release(self, entry: SharedClient) -> None:
         """
         Give a client back.
 
-        :param key: The key it was taken with.
+        :param entry: What :meth:`acquire` returned.
         """
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry.users -= 1
-            if entry.users == 0:
-                entry.taken.clear()
-                entry.idle.set()
+        entry.users -= 1
+        if entry.users:
+            return
+        if self._entries.get(entry.key) is not entry:
+            # Created as its registry closed, after the wait for holders gave up: nobody else closes it.
+            if not entry.closed:
+                self._close_later(entry)
+        elif self._closing:
+            self._check_released()
+        else:
+            entry.expiry = self._loop.call_later(self._idle_seconds, self._expire, entry)
+
+    async def close(self) -> None:
+        """
+        Wait for the calls holding a client, at most ``CLOSE_WAIT_SECONDS``, then close every client and let go
+        of the loop.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if self._guard is not asyncio.current_task():
+            self._guard.cancel()
+        try:
+            await self._wait_for_holders()
+        finally:
+            # From here on, a call gets a new registry: these clients are closed below, whatever it does.
+            self._closed = True
+            if _registries.get(self._loop) is self:
+                del _registries[self._loop]
+            entries, self._entries = list(self._entries.values()), {}
+            for entry in entries:
+                if entry.expiry is not None:
+                    entry.expiry.cancel()
+                await _close_client(entry)
+            if self._closing_tasks:
+                await asyncio.wait(self._closing_tasks, timeout=CLOSE_WAIT_SECONDS)
+            if self._loop not in _registries:
+                # Else a call made meanwhile uses the loop's sessions and credentials: its registry forgets them.
+                _forget_loop(self._loop)
 
     async def _create(
         self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]], settings: SinkSettings
@@ -215,25 +310,113 @@ class SharedClients:
             await context.__aenter__(),
             budget=ByteBudget(settings.max_bytes_in_flight),
             limiter=anyio.CapacityLimiter(settings.max_worker_threads),
+            key=key,
+            context=context,
         )
-        self._entries[key] = entry
-        keeper = asyncio.get_running_loop().create_task(self._keep(key, entry, context))
-        self._keepers.add(keeper)
-        keeper.add_done_callback(self._keepers.discard)
+        if not self._closed:
+            self._entries[key] = entry
         return entry
 
-    async def _keep(self, key: Hashable, entry: SharedClient, context: AbstractAsyncContextManager[Any]) -> None:
+    def _expire(self, entry: SharedClient) -> None:
+        # One synchronous decision: no call can take the client between this check and its removal.
+        entry.expiry = None
+        if entry.users or self._entries.get(entry.key) is not entry:
+            return
+        del self._entries[entry.key]
+        self._close_later(entry)
+
+    def _close_later(self, entry: SharedClient) -> None:
+        closing = self._loop.create_task(_close_client(entry))
+        self._closing_tasks.add(closing)
+        closing.add_done_callback(self._closing_tasks.discard)
+
+    async def _close_when_loop_ends(self) -> None:
         try:
-            while True:
-                await entry.idle.wait()
-                try:
-                    await asyncio.wait_for(entry.taken.wait(), IDLE_SECONDS)
-                except asyncio.TimeoutError:
-                    return
+            await self._loop.create_future()
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+
+    async def _wait_for_holders(self) -> None:
+        self._released = self._loop.create_future()
+        self._check_released()
+        _, pending = await asyncio.wait({self._released}, timeout=CLOSE_WAIT_SECONDS)
+        if pending:
+            logger.warning(
+                "closing shared S3 clients held by %d call(s) still running after %.0f s",
+                self._creating + sum(entry.users for entry in self._entries.values()),
+                CLOSE_WAIT_SECONDS,
+            )
+
+    def _check_released(self) -> None:
+        released = self._released
+        if released is None or released.done() or self._creating:
+            return
+        if not any(entry.users for entry in self._entries.values()):
+            released.set_result(None)
+
+
+class InFlight:
+    """The calls of one owner in flight, so that it can wait for those of its event loop to end."""
+
+    def __init__(self) -> None:
+        self._calls: set[asyncio.Future[None]] = set()
+
+    @asynccontextmanager
+    async def track(self) -> AsyncIterator[None]:
+        """
+        Count a call as in flight for as long as it runs.
+
+        :return: Nothing; the call runs in the ``async with`` block.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._calls.add(done)
+        try:
+            yield
         finally:
-            # Forgotten before closing, so a sink arriving meanwhile creates a new client instead.
-            del self._entries[key]
-            await context.__aexit__(None, None, None)
+            self._calls.discard(done)
+            done.set_result(None)
+
+    async def wait(self, seconds: float) -> int:
+        """
+        Wait for the calls of the running event loop to end.
+
+        :param seconds: How long to wait at most.
+        :return: How many of them still run.
+        """
+        loop = asyncio.get_running_loop()
+        # A copy made in one step: calls of other loops may come and go from their own threads.
+        calls = [call for call in list(self._calls) if call.get_loop() is loop]
+        if not calls:
+            return 0
+        _, pending = await asyncio.wait(calls, timeout=seconds)
+        return len(pending)
+
+
+async def _close_client(entry: SharedClient) -> None:
+    assert entry.context is not None
+    entry.closed = True
+    try:
+        await entry.context.__aexit__(None, None, None)
+    except Exception:
+        logger.warning("closing a shared S3 client failed", exc_info=True)
+
+
+def _forget_loop(loop: asyncio.AbstractEventLoop) -> None:
+    # What a loop's registries hold refers to the loop itself (its clients, locks bound to it), so weak keys
+    # alone would keep it forever: an ended loop is removed from each explicitly.
+    _registries.pop(loop, None)
+    _default_sessions.pop(loop, None)
+    forget_loop_credentials(loop)
+
+
+def _forget_closed_loops() -> None:
+    # A loop closed without asyncio's shutdown nor close_shared_clients: its clients cannot be closed any more,
+    # but it is let go of, so that such loops do not pile up.
+    for reference in _registries.keyrefs():
+        loop = reference()
+        if loop is not None and loop.is_closed():
+            _forget_loop(loop)
 
 
 _registries: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SharedClients] = weakref.WeakKeyDictionary()

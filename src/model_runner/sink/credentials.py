@@ -128,6 +128,18 @@ _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Assumed
 _shared_lock = threading.Lock()
 
 
+def forget_loop_credentials(loop: asyncio.AbstractEventLoop) -> None:
+    """
+    Let go of the credentials of an event loop that has ended.
+
+    Their refresh lock binds to the loop, so a weak key alone would keep the loop alive.
+
+    :param loop: The loop.
+    """
+    with _shared_lock:
+        _shared.pop(loop, None)
+
+
 def assumed_role_credentials(
     role: AssumedRole, source_session: AioSession, *, clock: Clock | None = None
 ) -> AioDeferredRefreshableCredentials:
