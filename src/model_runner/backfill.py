@@ -182,6 +182,12 @@ def _run(
     """
     Check the bucket, then write the files, from this process or on Dask, until done or interrupted.
 
+    :param sources: The files.
+    :param target: Where and how to write.
+    :param report: Told each file's outcome, and what could not be cleaned up.
+    :param dask: A dask scheduler's address, ``local``, or `None` to write from this process.
+    :param interrupted: Set by a Ctrl-C.
+    :param stop_timeout: With ``dask``, how long a Ctrl-C waits for the batches.
     :raises BackfillError: If the job cannot run at all.
     """
     with quiet_sink_errors():

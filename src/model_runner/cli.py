@@ -309,7 +309,9 @@ def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "backfill", help="write GeoJSON files to S3, resumably", description=description
     )
     backfill_parser.set_defaults(command=run_backfill)
-    backfill_parser.add_argument("sources", nargs="+", metavar="SRC", help="files, or folders searched recursively")
+    backfill_parser.add_argument(
+        "sources", nargs="+", metavar="SRC", help="files, or folders searched recursively; symbolic links are followed"
+    )
     backfill_parser.add_argument("--bucket", required=True, help="the S3 bucket")
     backfill_parser.add_argument("--prefix", required=True, help="the key prefix of the objects")
     backfill_parser.add_argument("--role", metavar="ARN", help="IAM role to assume for writing")
