@@ -18,7 +18,15 @@ from typing import Any
 import orjson
 import pytest
 
-from model_runner.backfill import DIGEST_METADATA, Source, Target, backfill, balanced_batches, read_features
+from model_runner.backfill import (
+    DIGEST_METADATA,
+    Source,
+    Target,
+    backfill,
+    balanced_batches,
+    find_sources,
+    read_features,
+)
 from model_runner.cli import main
 from model_runner.demo import synthetic_detections
 
@@ -145,6 +153,51 @@ def test_bad_files_fail_with_their_reason(
         assert f"failed {tmp_path / name}: {reason}" in err, name
     assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 1
     assert_stored(s3, bucket, {"good": features})
+
+
+def test_a_link_to_a_file_is_written_to_its_own_key_and_a_broken_one_fails(
+    tmp_path: Path, bucket: str, s3: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    features = list(synthetic_detections(4, seed=2))
+    write_source(tmp_path / "a.geojson", features)
+    (tmp_path / "b.geojson").symlink_to(tmp_path / "a.geojson")  # another name: another key
+    (tmp_path / "copies").mkdir()
+    (tmp_path / "copies" / "a.geojson").symlink_to(tmp_path / "a.geojson")  # the same file under the same key
+    (tmp_path / "gone.ndjson").symlink_to(tmp_path / "missing.ndjson")
+    (tmp_path / "loop.geojson").symlink_to(tmp_path / "loop.geojson")
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "missing.txt")  # not a source: ignored
+
+    status, out, err = run(capsys, str(tmp_path), str(tmp_path / "a.geojson"), "--bucket", bucket, "--prefix", PREFIX)
+    assert (status, out[-1]) == (1, "written 2, skipped 0, failed 2")
+    assert f"failed {tmp_path / 'gone.ndjson'}: broken symbolic link: No such file or directory" in err
+    assert f"failed {tmp_path / 'loop.geojson'}: broken symbolic link: Too many levels of symbolic links" in err
+    assert_stored(s3, bucket, {"a": features, "b": features})
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 2
+
+
+def test_linked_folders_are_followed_each_once_and_a_cycle_ends(
+    tmp_path: Path, bucket: str, s3: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inside, outside = list(synthetic_detections(3, seed=3)), list(synthetic_detections(5, seed=4))
+    root = tmp_path / "root"
+    write_source(root / "real" / "inside.geojson", inside)
+    write_source(tmp_path / "elsewhere" / "deep" / "outside.ndjson", outside)
+    (root / "a-link").symlink_to(root / "real")  # sorts first: the folder is still found by its own path
+    (root / "real" / "up").symlink_to(root)  # a cycle
+    (root / "real" / "loop-1").symlink_to(root / "real" / "loop-2")  # links to links, a cycle of their own
+    (root / "real" / "loop-2").symlink_to(root / "real" / "loop-1")
+    (root / "away").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "deep" / "back").symlink_to(tmp_path / "elsewhere")
+
+    sources, failures = find_sources([root], PREFIX)
+    assert [source.path for source in sources] == [
+        root / "away" / "deep" / "outside.ndjson",
+        root / "real" / "inside.geojson",
+    ]
+    assert failures == []
+    status, out, _ = run(capsys, str(root), "--bucket", bucket, "--prefix", PREFIX)
+    assert (status, out[-1]) == (0, "written 2, skipped 0, failed 0")
+    assert_stored(s3, bucket, {"inside": inside, "outside": outside})
 
 
 def test_failures_are_told_once_and_the_sink_debug_lines_still_flow(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from model_runner.backfill import DEFAULT_CONCURRENCY, Target, backfill
+from model_runner.backfill import DEFAULT_CONCURRENCY, STOP_TIMEOUT_SECONDS, Target, backfill
 from model_runner.demo import MotoServer, synthetic_detections
 from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkError, WriteResult
 
@@ -236,6 +237,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    """
+    Parse a duration given on the command line.
+
+    :param text: A command-line value.
+    :return: It as a positive number of seconds.
+    :raises argparse.ArgumentTypeError: If it is not one.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
 def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """
     Add the ``demo`` subcommand.
@@ -273,13 +291,13 @@ def run_backfill(args: argparse.Namespace) -> int:
         resume=args.resume,
         dry_run=args.dry_run,
     )
-    return backfill(args.sources, target, dask=args.dask)
+    return backfill(args.sources, target, dask=args.dask, stop_timeout=args.stop_timeout)
 
 
 def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """
     Add the ``backfill`` subcommand. Its options are the sources, the fields of
-    :class:`~model_runner.backfill.Target`, and where the job runs.
+    :class:`~model_runner.backfill_writes.Target`, and where the job runs.
 
     :param commands: The subcommands to add ``backfill`` to.
     """
@@ -292,7 +310,9 @@ def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "backfill", help="write GeoJSON files to S3, resumably", description=description
     )
     backfill_parser.set_defaults(command=run_backfill)
-    backfill_parser.add_argument("sources", nargs="+", metavar="SRC", help="files, or folders searched recursively")
+    backfill_parser.add_argument(
+        "sources", nargs="+", metavar="SRC", help="files, or folders searched recursively; symbolic links are followed"
+    )
     backfill_parser.add_argument("--bucket", required=True, help="the S3 bucket")
     backfill_parser.add_argument("--prefix", required=True, help="the key prefix of the objects")
     backfill_parser.add_argument("--role", metavar="ARN", help="IAM role to assume for writing")
@@ -308,6 +328,14 @@ def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="ADDRESS",
         help="spread the files over dask workers: a scheduler address, or 'local' for a local cluster "
         "(needs the dask extra)",
+    )
+    backfill_parser.add_argument(
+        "--stop-timeout",
+        type=_positive_seconds,
+        default=STOP_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="with --dask, how long a Ctrl-C waits for all the batches together to stop; the uploads of those still "
+        "running then are aborted (default: %(default)g)",
     )
     backfill_parser.add_argument(
         "--no-resume",

@@ -1,0 +1,290 @@
+"""
+The backfill's source files: finding them under files and folders, hashing them, reading their features.
+
+Every ``*.geojson``/``*.json`` FeatureCollection file and every ``*.ndjson``/``*.geojsonl`` file (one feature a
+line, blank lines ignored) is a source; it becomes the object ``<prefix>/<file stem>.geojson``. Symbolic links are
+followed, to files and to folders: a link is a source of its own when its name maps to another key than its target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import ijson
+import orjson
+
+from model_runner.sink.async_s3_sink import object_key
+
+__all__ = [
+    "COLLECTION_SUFFIXES",
+    "LINE_SUFFIXES",
+    "Outcome",
+    "Source",
+    "SourceError",
+    "Status",
+    "find_sources",
+    "inspect_source",
+    "read_features",
+]
+
+COLLECTION_SUFFIXES = frozenset({".geojson", ".json"})
+LINE_SUFFIXES = frozenset({".ndjson", ".geojsonl"})
+_SOURCE_SUFFIXES = COLLECTION_SUFFIXES | LINE_SUFFIXES
+_READ_BYTES = 1024 * 1024
+
+Status = Literal["written", "skipped", "failed", "planned"]
+
+logger = logging.getLogger("model_runner.backfill")
+if ijson.backend != "yajl2_c":
+    logger.warning("ijson uses its %s backend: reading collections is several times slower", ijson.backend)
+
+
+class SourceError(Exception):
+    """A source file cannot be read or is not what its suffix says; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """
+    A file to write.
+
+    :param path: The file, as found: through the symbolic links that led to it.
+    :param size: Its size in bytes.
+    """
+
+    path: Path
+    size: int
+
+    @property
+    def image_id(self) -> str:
+        """
+        The image id the file is written as.
+
+        :return: The file's stem.
+        """
+        return self.path.stem
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """
+    What became of a file.
+
+    :param path: The file.
+    :param status: ``written``, ``skipped`` (its object is up to date), ``failed``, or ``planned`` (a dry run
+        would write it).
+    :param key: The object key it maps to, when known.
+    :param reason: Why it failed.
+    :param bytes: Its size.
+    """
+
+    path: str
+    status: Status
+    key: str = ""
+    reason: str = ""
+    bytes: int = 0
+
+
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()
+
+
+def _unreadable_reason(path: Path) -> str:
+    """
+    Say why a path that is no regular file or folder cannot be a source.
+
+    :param path: The path.
+    :return: The reason, for its outcome.
+    """
+    try:
+        os.stat(path)
+    except OSError as error:
+        if path.is_symlink():
+            # "No such file or directory" for a dangling link, "Too many levels of symbolic links" for a loop.
+            return f"broken symbolic link: {error.strerror or error}"
+        return "no such file or directory"
+    return "not a regular file"
+
+
+def _kind(entry: os.DirEntry[str]) -> Literal["folder", "file", "other"]:
+    # Through symbolic links; a loop of links raises, where a dangling link is only neither.
+    try:
+        return "folder" if entry.is_dir() else "file" if entry.is_file() else "other"
+    except OSError:
+        return "other"
+
+
+def _folder_files(root: Path, failures: list[Outcome]) -> list[Path]:
+    """
+    Find the source files under a folder, following symbolic links to folders; each folder is read once.
+
+    Reading each real folder once is what ends a cycle of links. Linked folders are read after the folders they
+    sit in, so that a folder of the tree is found by its own path rather than through a link to it.
+
+    :param root: The folder.
+    :param failures: Where unreadable folders and broken links with a source's suffix are told.
+    :return: The files, sorted by path.
+    """
+    found: list[Path] = []
+    visited: set[Path] = set()
+    folders: list[Path] = [root]
+    linked: deque[Path] = deque()
+    while folders or linked:
+        folder = folders.pop() if folders else linked.popleft()
+        real = folder.resolve()
+        if real in visited:
+            continue
+        visited.add(real)
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            failures.append(Outcome(str(folder), "failed", reason=f"cannot read folder: {error.strerror or error}"))
+            continue
+        subfolders: list[Path] = []
+        for entry in entries:
+            path, kind = Path(entry.path), _kind(entry)
+            if kind == "folder":
+                (linked if entry.is_symlink() else subfolders).append(path)
+            elif _suffix(path) not in _SOURCE_SUFFIXES:
+                continue
+            elif kind == "file":
+                found.append(path)
+            else:
+                failures.append(Outcome(str(path), "failed", reason=_unreadable_reason(path)))
+        folders.extend(reversed(subfolders))
+    return sorted(found)
+
+
+def _source_files(paths: Sequence[str | Path], failures: list[Outcome]) -> Iterator[Path]:
+    for given in map(Path, paths):
+        if given.is_dir():
+            yield from _folder_files(given, failures)
+        elif not given.is_file():
+            failures.append(Outcome(str(given), "failed", reason=_unreadable_reason(given)))
+        elif _suffix(given) in _SOURCE_SUFFIXES:
+            yield given
+        else:
+            failures.append(Outcome(str(given), "failed", reason="not a .geojson, .json, .ndjson or .geojsonl file"))
+
+
+def find_sources(paths: Sequence[str | Path], prefix: str) -> tuple[list[Source], list[Outcome]]:
+    """
+    Find the files to write under files and folders (recursively, following symbolic links).
+
+    A file is one source per key: reached twice under the same name (given twice, or through a link to it or to
+    its folder) it is written once; a link with another name than its file is a source of its own, written to
+    its own key. Different files whose names map to the same key are not written over each other: the first found
+    is the source, the later ones fail. Broken links and unreadable folders fail too: nothing found is dropped
+    uncounted.
+
+    :param paths: Files and folders.
+    :param prefix: The prefix of the keys.
+    :return: The files to write, and the failures found on the way.
+    """
+    failures: list[Outcome] = []
+    sources: list[Source] = []
+    owners: dict[str, Path] = {}
+    seen: set[tuple[Path, str]] = set()
+    for path in _source_files(paths, failures):
+        try:
+            real = path.resolve()
+            size = path.stat().st_size
+            key = object_key(prefix, path.stem)
+        except (OSError, RuntimeError, ValueError) as error:
+            failures.append(Outcome(str(path), "failed", reason=str(error)))
+            continue
+        if (real, key) in seen:
+            continue
+        seen.add((real, key))
+        owner = owners.setdefault(key, path)
+        if owner is path:
+            sources.append(Source(path, size))
+        else:
+            failures.append(Outcome(str(path), "failed", key, f"same object key as {owner}", size))
+    return sources, failures
+
+
+def _json_error(error: Exception) -> str:
+    # yajl's messages go on to quote the text around the error, as bytes for invalid UTF-8: the first line says it.
+    message = error.args[0] if error.args else ""
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return str(message).strip().partition("\n")[0] or type(error).__name__
+
+
+def _check_collection(file: IO[bytes]) -> None:
+    # GeoJSON writers put "type" first, so this reads one buffer; a file putting it last is parsed one more time.
+    try:
+        kind = next(ijson.items(file, "type"), None)
+    except (ijson.JSONError, ValueError) as error:
+        raise SourceError(f"not valid JSON: {_json_error(error)}") from None
+    if kind != "FeatureCollection":
+        found = f"type {kind!r}" if kind is not None else "no top-level type"
+        raise SourceError(f"not a GeoJSON FeatureCollection: {found}")
+
+
+def inspect_source(path: Path) -> str:
+    """
+    Check a file's top level and hash it; blocking, for a worker thread.
+
+    :param path: The file.
+    :return: The hex SHA-256 of its bytes.
+    :raises SourceError: If it cannot be read, or a collection file is not a FeatureCollection.
+    """
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            if _suffix(path) not in LINE_SUFFIXES:
+                _check_collection(file)
+                file.seek(0)
+            while chunk := file.read(_READ_BYTES):
+                digest.update(chunk)
+    except OSError as error:
+        raise SourceError(f"cannot read: {error.strerror or error}") from None
+    return digest.hexdigest()
+
+
+def _collection_features(file: IO[bytes]) -> Iterator[Any]:
+    count = 0
+    try:
+        for feature in ijson.items(file, "features.item", use_float=True):
+            yield feature
+            count += 1
+    except (ijson.JSONError, ValueError) as error:
+        raise SourceError(f"not valid JSON after feature {count}: {_json_error(error)}") from None
+
+
+def _line_features(file: IO[bytes]) -> Iterator[Any]:
+    for number, line in enumerate(file, 1):
+        if not line.strip():
+            continue
+        try:
+            feature = orjson.loads(line)
+        except orjson.JSONDecodeError as error:
+            raise SourceError(f"line {number} is not valid JSON: {error}") from None
+        if not isinstance(feature, dict):
+            raise SourceError(f"line {number} is not a JSON object")
+        yield feature
+
+
+def read_features(path: Path) -> Generator[Any, None, None]:
+    """
+    Read a source file's features, incrementally: a FeatureCollection with ijson, NDJSON a line at a time.
+
+    :param path: A ``.geojson``/``.json`` FeatureCollection or a ``.ndjson``/``.geojsonl`` file.
+    :return: Its features, as dicts with float coordinates.
+    :raises SourceError: If the file cannot be read or is not valid JSON; features before the error were given.
+    """
+    try:
+        with path.open("rb") as file:
+            yield from (_line_features if _suffix(path) in LINE_SUFFIXES else _collection_features)(file)
+    except OSError as error:
+        raise SourceError(f"cannot read: {error.strerror or error}") from None
