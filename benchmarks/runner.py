@@ -21,7 +21,7 @@ import psutil
 from benchmarks.child import RESULT_MARKER
 from benchmarks.contenders import WARM_UP
 from benchmarks.workloads import Workload, dataset_size, make_dataset
-from model_runner.demo import MotoServer
+from model_runner.cli.moto_server import MotoServer
 
 __all__ = ["BUCKET", "ROOT", "Options", "parse_arguments", "revision", "run_all", "versions"]
 

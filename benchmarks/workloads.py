@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 
 __all__ = [
     "POOL_FEATURES",

@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 import pytest
 
-from model_runner.demo import MotoServer
+from model_runner.cli.moto_server import MotoServer
 
 # Variables that would point clients elsewhere than the test server, or at a user's own configuration.
 _FOREIGN_VARIABLES = (

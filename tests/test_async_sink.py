@@ -17,7 +17,7 @@ import pytest
 from bad_inputs import NOT_COLLECTIONS
 from botocore.exceptions import ClientError
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, FeatureEncodingError, SinkSettings, WriteResult
 from model_runner.sink import async_s3_sink as async_s3_sink_module
 

@@ -28,7 +28,7 @@ from model_runner.backfill import (
     read_features,
 )
 from model_runner.cli import main
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 
 import model_runner.sink as sink_package
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, SinkSettings, clients
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import BotoCoreError
 
-from model_runner.demo import MotoServer
+from model_runner.cli.moto_server import MotoServer
 from model_runner.sink import AsyncS3Sink, S3Sink, SinkSettings
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,7 +16,7 @@ EXIT_SECONDS = 20
 
 PREAMBLE = """
 import sys
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 bucket = sys.argv[1]
 features = list(synthetic_detections(2000, seed=7))
 """

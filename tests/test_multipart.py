@@ -10,7 +10,7 @@ import anyio
 import orjson
 import pytest
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkSettings
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,7 +9,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, OpenTelemetryMetrics, S3Sink, SinkMetrics, SinkSettings, WriteResult
 from model_runner.sink.settings import MiB
 

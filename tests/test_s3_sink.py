@@ -19,7 +19,7 @@ import orjson
 import pytest
 from bad_inputs import NOT_COLLECTIONS
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import FeatureEncodingError, InvalidAssumedRoleException, S3Sink, SinkSettings
 from model_runner.sink import s3_sink as s3_sink_module
 

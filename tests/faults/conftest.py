@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from model_runner.demo import MotoServer
+from model_runner.cli.moto_server import MotoServer
 
 from .proxy import FaultProxy
 

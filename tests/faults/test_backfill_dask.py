@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from model_runner.backfill import Target, backfill
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 
 from .proxy import FaultProxy, Rule
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from bad_inputs import NOT_COLLECTIONS
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from botocore.exceptions import ClientError
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, S3Sink
 
 from .proxy import FaultProxy, Rule

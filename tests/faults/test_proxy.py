@@ -22,7 +22,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from model_runner.demo import MotoServer
+from model_runner.cli.moto_server import MotoServer
 
 from .proxy import Exchange, FaultProxy, Rule, classify
 

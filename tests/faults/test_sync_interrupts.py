@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 
@@ -33,7 +33,7 @@ CHILD_SECONDS = 90
 CHILD_PREAMBLE = """
 import sqlite3, sys, threading, time
 import boto3
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 bucket, endpoint = sys.argv[1:3]

@@ -1,29 +1,26 @@
 """
-The ``model-runner-sink`` command: ``demo`` writes and verifies collections on an embedded S3 server, ``backfill``
-writes GeoJSON files from disk to S3.
+The ``demo`` command: write small and large collections through both sinks to an embedded S3 server, then read each
+back and check it holds exactly the features written. It needs the ``demo`` extra (moto, which brings boto3).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
-import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import boto3
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from model_runner.backfill import DEFAULT_CONCURRENCY, STOP_TIMEOUT_SECONDS, Target, backfill
-from model_runner.demo import MotoServer, synthetic_detections
+from model_runner.cli.moto_server import MotoServer
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkError, WriteResult
 
-__all__ = ["build_parser", "main"]
-
-Command = Callable[[argparse.Namespace], int]
+__all__ = ["run_demo"]
 
 _BUCKET = "model-runner-demo"
 _PREFIX = "detections"
@@ -188,17 +185,15 @@ def _jobs(large: int, seed: int) -> list[_Job]:
     ]
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(*, features: int, seed: int) -> int:
     """
     Write small and large collections through both sinks to an embedded S3 server, then read them back.
 
-    :param args: The parsed ``demo`` options.
+    :param features: Features in the large collections.
+    :param seed: Seed of the first collection's synthetic detections; the others follow it.
     :return: 0 if every object verified, else 1.
     """
-    # boto3 comes with the demo's extra (moto), not with the library.
-    import boto3
-
-    jobs = _jobs(args.features, args.seed)
+    jobs = _jobs(features, seed)
     try:
         with MotoServer() as server:
             server.apply_environment()
@@ -218,156 +213,3 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     print(f"all {len(written)} objects verified")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    """
-    Parse a count given on the command line.
-
-    :param text: A command-line value.
-    :return: It as a positive integer.
-    :raises argparse.ArgumentTypeError: If it is not one.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    """
-    Parse a duration given on the command line.
-
-    :param text: A command-line value.
-    :return: It as a positive number of seconds.
-    :raises argparse.ArgumentTypeError: If it is not one.
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
-
-
-def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """
-    Add the ``demo`` subcommand.
-
-    :param commands: The subcommands to add ``demo`` to.
-    """
-    demo = commands.add_parser(
-        "demo",
-        help="write and verify collections on an embedded S3 server",
-        description="Write small and large collections through S3Sink and AsyncS3Sink to an embedded S3 server, "
-        "then read each back and check it holds exactly the features written.",
-    )
-    demo.add_argument(
-        "--features",
-        type=_positive_int,
-        default=100_000,
-        help="features in the large collections (default: %(default)s)",
-    )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic detections (default: %(default)s)")
-    demo.set_defaults(command=run_demo)
-
-
-def run_backfill(args: argparse.Namespace) -> int:
-    """
-    Write GeoJSON files from disk to S3, one object per file, skipping those already written.
-
-    :param args: The parsed ``backfill`` options.
-    :return: 0 if no file failed, 1 if some did or the job could not run, 130 if interrupted.
-    """
-    target = Target(
-        args.bucket,
-        args.prefix,
-        args.role,
-        concurrency=args.concurrency,
-        resume=args.resume,
-        dry_run=args.dry_run,
-    )
-    return backfill(args.sources, target, dask=args.dask, stop_timeout=args.stop_timeout)
-
-
-def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """
-    Add the ``backfill`` subcommand. Its options are the sources, the fields of
-    :class:`~model_runner.backfill_writes.Target`, and where the job runs.
-
-    :param commands: The subcommands to add ``backfill`` to.
-    """
-    description = (
-        "Write every .geojson/.json FeatureCollection and every .ndjson/.geojsonl file (one feature a line) under "
-        "the sources to S3 as PREFIX/<file stem>.geojson. Objects whose recorded source digest matches are skipped, "
-        "so a rerun resumes. The last line of output is 'written W, skipped S, failed F'."
-    )
-    backfill_parser = commands.add_parser(
-        "backfill", help="write GeoJSON files to S3, resumably", description=description
-    )
-    backfill_parser.set_defaults(command=run_backfill)
-    backfill_parser.add_argument(
-        "sources", nargs="+", metavar="SRC", help="files, or folders searched recursively; symbolic links are followed"
-    )
-    backfill_parser.add_argument("--bucket", required=True, help="the S3 bucket")
-    backfill_parser.add_argument("--prefix", required=True, help="the key prefix of the objects")
-    backfill_parser.add_argument("--role", metavar="ARN", help="IAM role to assume for writing")
-    backfill_parser.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=DEFAULT_CONCURRENCY,
-        metavar="N",
-        help="files written at once, per batch with --dask (default: %(default)s)",
-    )
-    backfill_parser.add_argument(
-        "--dask",
-        metavar="ADDRESS",
-        help="spread the files over dask workers: a scheduler address, or 'local' for a local cluster "
-        "(needs the dask extra)",
-    )
-    backfill_parser.add_argument(
-        "--stop-timeout",
-        type=_positive_seconds,
-        default=STOP_TIMEOUT_SECONDS,
-        metavar="SECONDS",
-        help="with --dask, how long a Ctrl-C waits for all the batches together to stop; the uploads of those still "
-        "running then are aborted (default: %(default)g)",
-    )
-    backfill_parser.add_argument(
-        "--no-resume",
-        dest="resume",
-        action="store_false",
-        help="write every file, even those whose object is up to date",
-    )
-    backfill_parser.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """
-    Build the command-line parser. A subcommand is added by a function like :func:`_add_demo`.
-
-    :return: The parser of the command line; each subcommand sets ``command`` to the function that runs it.
-    """
-    parser = argparse.ArgumentParser(
-        prog="model-runner-sink", description="Write GeoJSON detection results to Amazon S3."
-    )
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    _add_demo(commands)
-    _add_backfill(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """
-    Run the ``model-runner-sink`` command.
-
-    :param argv: The arguments, without the program name; by default ``sys.argv[1:]``.
-    :return: The exit status.
-    """
-    args = build_parser().parse_args(argv)
-    command: Command = args.command
-    return command(args)
