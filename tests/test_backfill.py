@@ -18,16 +18,12 @@ from typing import Any
 import orjson
 import pytest
 
-from model_runner.backfill import (
-    DIGEST_METADATA,
-    Source,
-    Target,
-    backfill,
-    balanced_batches,
-    find_sources,
-    read_features,
-)
 from model_runner.cli import main
+from model_runner.cli.backfill.batches import balanced_batches
+from model_runner.cli.backfill.job import backfill
+from model_runner.cli.backfill.reading import read_features
+from model_runner.cli.backfill.sources import Source, find_sources
+from model_runner.cli.backfill.writes import DIGEST_METADATA, Target
 from model_runner.cli.synthetic import synthetic_detections
 
 pytestmark = pytest.mark.timeout(120)
@@ -310,7 +306,7 @@ def test_dask_missing_extra_is_named(
     write_source(tmp_path / "scene.geojson", list(synthetic_detections(2)))
     status, _, err = run(capsys, str(tmp_path), "--bucket", bucket, "--prefix", PREFIX, "--dask", "local")
     assert status == 1
-    assert "pip install model-runner-sink[dask]" in err
+    assert "pip install 'model-runner-sink[dask]'" in err
 
 
 def stored_parts(s3: Any, bucket: str) -> int:

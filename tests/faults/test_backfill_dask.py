@@ -19,7 +19,8 @@ import distributed
 import orjson
 import pytest
 
-from model_runner.backfill import Target, backfill
+from model_runner.cli.backfill.job import backfill
+from model_runner.cli.backfill.writes import Target
 from model_runner.cli.synthetic import synthetic_detections
 
 from .proxy import FaultProxy, Rule

@@ -11,7 +11,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from model_runner.backfill import DEFAULT_CONCURRENCY, STOP_TIMEOUT_SECONDS
+from model_runner.cli.backfill import DEFAULT_CONCURRENCY, STOP_TIMEOUT_SECONDS
 
 __all__ = ["build_parser", "main"]
 
@@ -94,7 +94,8 @@ def _run_backfill(args: argparse.Namespace) -> int:
     :param args: The parsed ``backfill`` options.
     :return: 0 if no file failed, 1 if some did or the job could not run, 130 if interrupted.
     """
-    from model_runner.backfill import Target, backfill
+    from model_runner.cli.backfill.job import backfill
+    from model_runner.cli.backfill.writes import Target
 
     target = Target(
         args.bucket,
@@ -110,7 +111,7 @@ def _run_backfill(args: argparse.Namespace) -> int:
 def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """
     Add the ``backfill`` subcommand. Its options are the sources, the fields of
-    :class:`~model_runner.backfill_writes.Target`, and where the job runs.
+    :class:`~model_runner.cli.backfill.writes.Target`, and where the job runs.
 
     :param commands: The subcommands to add ``backfill`` to.
     """

@@ -1,18 +1,6 @@
 """
-Backfill: write GeoJSON files from disk to S3, one object per file, resumably, from this process or on Dask.
-
-Every ``*.geojson``/``*.json`` FeatureCollection file and every ``*.ndjson``/``*.geojsonl`` file (one feature a line,
-blank lines ignored) under the sources becomes the object ``<prefix>/<file stem>.geojson``, written through
-:class:`~model_runner.sink.AsyncS3Sink`. Files are parsed incrementally (ijson, or line by line), so memory does not
-grow with a file's size. The object is the features re-serialised compactly by orjson: equal in content to the
-source, floats included (they are written in their shortest round-trip form), but not a byte copy of it.
-
-Each object carries the SHA-256 of its source file as the user metadata ``source-sha256``; a resumed job skips the
-files whose object already carries their digest, and rewrites those whose digest differs.
-
-This module is the command's job and its report; the work is done by :mod:`model_runner.backfill_sources` (finding
-and reading the files), :mod:`model_runner.backfill_writes` (writing them) and :mod:`model_runner.backfill_dask`
-(batches on Dask), whose public names it re-exports.
+The backfill job: :func:`backfill` finds the files, writes them from this process or on Dask, treats Ctrl-C as a
+request to stop, and prints the summary line. See :mod:`model_runner.cli.backfill` for what it writes where.
 """
 
 from __future__ import annotations
@@ -27,121 +15,22 @@ from contextlib import closing, contextmanager
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
 import anyio
-from tqdm import tqdm
 
-from model_runner.backfill_dask import STOP_TIMEOUT_SECONDS, balanced_batches, run_batch, run_on_dask
-from model_runner.backfill_sources import Outcome, Source, SourceError, find_sources, read_features
-from model_runner.backfill_writes import (
-    DEFAULT_CONCURRENCY,
-    DIGEST_METADATA,
-    BackfillError,
-    Target,
-    check_bucket,
-    quiet_sink_errors,
-    run_sources,
-)
+from model_runner.cli.backfill import STOP_TIMEOUT_SECONDS
+from model_runner.cli.backfill.dask import run_on_dask
+from model_runner.cli.backfill.report import Report
+from model_runner.cli.backfill.sources import Source, find_sources
+from model_runner.cli.backfill.writes import BackfillError, Target, check_bucket, quiet_sink_errors, run_sources
 
-__all__ = [
-    "DEFAULT_CONCURRENCY",
-    "DIGEST_METADATA",
-    "STOP_TIMEOUT_SECONDS",
-    "BackfillError",
-    "Outcome",
-    "Source",
-    "SourceError",
-    "Target",
-    "backfill",
-    "balanced_batches",
-    "find_sources",
-    "read_features",
-    "run_batch",
-    "run_sources",
-]
+__all__ = ["PROGRESS_SECONDS", "backfill"]
 
+# How often progress is told when standard error is not a terminal.
 PROGRESS_SECONDS = 5.0
 
 logger = logging.getLogger(__name__)
-
-
-class _Report:
-    """Counts the outcomes, tells failures and dry-run plans as they come, and shows progress on stderr."""
-
-    def __init__(self, files: int, total_bytes: int, out: TextIO, err: TextIO, seconds: float) -> None:
-        self.counts: Counter[str] = Counter()
-        self.files = files
-        self._total_bytes = total_bytes
-        self._bytes = 0
-        self._out, self._err = out, err
-        self._stopped = threading.Event()
-        self._bar: tqdm[Any] | None = None
-        if err.isatty():
-            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="backfill", file=err)
-        else:
-            threading.Thread(target=self._tick, args=(seconds,), name="backfill-progress", daemon=True).start()
-
-    def __call__(self, outcome: Outcome) -> None:
-        self.counts[outcome.status] += 1
-        self._bytes += outcome.bytes
-        if outcome.status == "failed":
-            tqdm.write(f"failed {outcome.path}: {outcome.reason}", file=self._err)
-        elif outcome.status == "planned":
-            tqdm.write(f"would write {outcome.path} -> {outcome.key}", file=self._out)
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"{self.done}/{self.files} files, {self.counts['failed']} failed", refresh=False)
-            self._bar.update(outcome.bytes)
-
-    @property
-    def done(self) -> int:
-        """
-        Files done.
-
-        :return: How many outcomes were reported.
-        """
-        return self.counts.total()
-
-    def _tick(self, seconds: float) -> None:
-        while not self._stopped.wait(seconds):
-            print(
-                f"backfill: {self.done}/{self.files} files, {self._bytes / 1e6:.1f}/{self._total_bytes / 1e6:.1f} MB, "
-                f"{self.counts['failed']} failed",
-                file=self._err,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        """Stop showing progress."""
-        self._stopped.set()
-        if self._bar is not None:
-            self._bar.close()
-
-    def tell(self, message: str) -> None:
-        """
-        Tell something that is no file's outcome, such as an upload that could not be aborted.
-
-        :param message: One line.
-        """
-        tqdm.write(message, file=self._err)
-
-    def summary(self) -> str:
-        """
-        The summary line.
-
-        :return: ``written W, skipped S, failed F``.
-        """
-        return self.summary_of(self.counts)
-
-    @staticmethod
-    def summary_of(counts: Counter[str]) -> str:
-        """
-        The summary line of some counts.
-
-        :param counts: Files by status.
-        :return: ``written W, skipped S, failed F``.
-        """
-        return f"written {counts['written']}, skipped {counts['skipped']}, failed {counts['failed']}"
 
 
 @contextmanager
@@ -174,7 +63,7 @@ def _ctrl_c_requests_stop() -> Iterator[threading.Event]:
 def _run(
     sources: Sequence[Source],
     target: Target,
-    report: _Report,
+    report: Report,
     dask: str | None,
     interrupted: threading.Event,
     stop_timeout: float,
@@ -234,14 +123,14 @@ def backfill(
         sources, failures = find_sources(paths, target.prefix)
     except KeyboardInterrupt:
         print("interrupted while finding the files", file=err)
-        print(_Report.summary_of(Counter()), file=out, flush=True)
+        print(Report.summary_of(Counter()), file=out, flush=True)
         return 130
     files = len(sources) + len(failures)
     total_bytes = sum(source.size for source in sources) + sum(failure.bytes for failure in failures)
     status = 0
     with (
         _ctrl_c_requests_stop() as interrupted,
-        closing(_Report(files, total_bytes, out, err, progress_seconds)) as report,
+        closing(Report(files, total_bytes, out, err, progress_seconds)) as report,
     ):
         for failure in failures:
             report(failure)

@@ -1,5 +1,5 @@
 """
-The backfill's source files: finding them under files and folders, hashing them, reading their features.
+The backfill's source files: finding them under files and folders, each once per key.
 
 Every ``*.geojson``/``*.json`` FeatureCollection file and every ``*.ndjson``/``*.geojsonl`` file (one feature a
 line, blank lines ignored) is a source; it becomes the object ``<prefix>/<file stem>.geojson``. Symbolic links are
@@ -8,17 +8,12 @@ followed, to files and to folders: a link is a source of its own when its name m
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
-
-import ijson
-import orjson
+from typing import Literal
 
 from model_runner.sink.async_s3_sink import object_key
 
@@ -30,20 +25,13 @@ __all__ = [
     "SourceError",
     "Status",
     "find_sources",
-    "inspect_source",
-    "read_features",
 ]
 
 COLLECTION_SUFFIXES = frozenset({".geojson", ".json"})
 LINE_SUFFIXES = frozenset({".ndjson", ".geojsonl"})
 _SOURCE_SUFFIXES = COLLECTION_SUFFIXES | LINE_SUFFIXES
-_READ_BYTES = 1024 * 1024
 
 Status = Literal["written", "skipped", "failed", "planned"]
-
-logger = logging.getLogger("model_runner.backfill")
-if ijson.backend != "yajl2_c":
-    logger.warning("ijson uses its %s backend: reading collections is several times slower", ijson.backend)
 
 
 class SourceError(Exception):
@@ -210,81 +198,3 @@ def find_sources(paths: Sequence[str | Path], prefix: str) -> tuple[list[Source]
         else:
             failures.append(Outcome(str(path), "failed", key, f"same object key as {owner}", size))
     return sources, failures
-
-
-def _json_error(error: Exception) -> str:
-    # yajl's messages go on to quote the text around the error, as bytes for invalid UTF-8: the first line says it.
-    message = error.args[0] if error.args else ""
-    if isinstance(message, bytes):
-        message = message.decode("utf-8", "replace")
-    return str(message).strip().partition("\n")[0] or type(error).__name__
-
-
-def _check_collection(file: IO[bytes]) -> None:
-    # GeoJSON writers put "type" first, so this reads one buffer; a file putting it last is parsed one more time.
-    try:
-        kind = next(ijson.items(file, "type"), None)
-    except (ijson.JSONError, ValueError) as error:
-        raise SourceError(f"not valid JSON: {_json_error(error)}") from None
-    if kind != "FeatureCollection":
-        found = f"type {kind!r}" if kind is not None else "no top-level type"
-        raise SourceError(f"not a GeoJSON FeatureCollection: {found}")
-
-
-def inspect_source(path: Path) -> str:
-    """
-    Check a file's top level and hash it; blocking, for a worker thread.
-
-    :param path: The file.
-    :return: The hex SHA-256 of its bytes.
-    :raises SourceError: If it cannot be read, or a collection file is not a FeatureCollection.
-    """
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as file:
-            if _suffix(path) not in LINE_SUFFIXES:
-                _check_collection(file)
-                file.seek(0)
-            while chunk := file.read(_READ_BYTES):
-                digest.update(chunk)
-    except OSError as error:
-        raise SourceError(f"cannot read: {error.strerror or error}") from None
-    return digest.hexdigest()
-
-
-def _collection_features(file: IO[bytes]) -> Iterator[Any]:
-    count = 0
-    try:
-        for feature in ijson.items(file, "features.item", use_float=True):
-            yield feature
-            count += 1
-    except (ijson.JSONError, ValueError) as error:
-        raise SourceError(f"not valid JSON after feature {count}: {_json_error(error)}") from None
-
-
-def _line_features(file: IO[bytes]) -> Iterator[Any]:
-    for number, line in enumerate(file, 1):
-        if not line.strip():
-            continue
-        try:
-            feature = orjson.loads(line)
-        except orjson.JSONDecodeError as error:
-            raise SourceError(f"line {number} is not valid JSON: {error}") from None
-        if not isinstance(feature, dict):
-            raise SourceError(f"line {number} is not a JSON object")
-        yield feature
-
-
-def read_features(path: Path) -> Generator[Any, None, None]:
-    """
-    Read a source file's features, incrementally: a FeatureCollection with ijson, NDJSON a line at a time.
-
-    :param path: A ``.geojson``/``.json`` FeatureCollection or a ``.ndjson``/``.geojsonl`` file.
-    :return: Its features, as dicts with float coordinates.
-    :raises SourceError: If the file cannot be read or is not valid JSON; features before the error were given.
-    """
-    try:
-        with path.open("rb") as file:
-            yield from (_line_features if _suffix(path) in LINE_SUFFIXES else _collection_features)(file)
-    except OSError as error:
-        raise SourceError(f"cannot read: {error.strerror or error}") from None

@@ -1,6 +1,6 @@
 """
-The backfill on Dask: the files in batches of about equal bytes, one task per batch, and the driver that collects
-them, stops them on Ctrl-C and cleans up after batches that died mid-write.
+The backfill on Dask: the driver that submits the batches, one task each, collects them, stops them on Ctrl-C and
+cleans up after batches that died mid-write.
 
 Every batch's files are told once: as their batch reports them, as failed with the reason when the batch fails
 (its worker died, the scheduler was lost), or, after a Ctrl-C, as not done. After a batch fails, and for the
@@ -9,108 +9,28 @@ batches that never came back, the driver aborts the multipart uploads left under
 
 from __future__ import annotations
 
-import heapq
-import importlib
-import logging
 import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from functools import partial
 from typing import Any
 
 import anyio
 
-from model_runner.backfill_sources import Outcome, Source
-from model_runner.backfill_writes import BackfillError, Target, abort_uploads, quiet_sink_errors, run_sources
-from model_runner.sink.async_s3_sink import object_key
+from model_runner.cli.backfill import STOP_TIMEOUT_SECONDS
+from model_runner.cli.backfill.batches import balanced_batches, import_distributed, object_keys, run_batch
+from model_runner.cli.backfill.cleanup import abort_uploads
+from model_runner.cli.backfill.sources import Outcome, Source
+from model_runner.cli.backfill.writes import BackfillError, Target
 
-__all__ = ["STOP_TIMEOUT_SECONDS", "balanced_batches", "run_batch", "run_on_dask"]
+__all__ = ["run_on_dask"]
 
 # Dask batches per worker thread: a few, so that a slow batch does not leave the other threads idle at the end.
 BATCHES_PER_THREAD = 2
-# After a Ctrl-C, how long the driver waits for all the batches together to stop.
-STOP_TIMEOUT_SECONDS = 60.0
 # How often the driver looks for a Ctrl-C or a deadline while no batch is coming back.
 _POLL_SECONDS = 0.1
-
-logger = logging.getLogger("model_runner.backfill")
-
-
-def balanced_batches(sources: Sequence[Source], count: int) -> list[list[Source]]:
-    """
-    Split files into batches of about equal bytes: each file, largest first, goes to the lightest batch.
-
-    :param sources: The files.
-    :param count: How many batches at most.
-    :return: The non-empty batches.
-    """
-    heap: list[tuple[int, int, list[Source]]] = [(0, index, []) for index in range(min(count, len(sources)))]
-    for source in sorted(sources, key=lambda source: source.size, reverse=True):
-        size, index, batch = heapq.heappop(heap)
-        batch.append(source)
-        heapq.heappush(heap, (size + source.size, index, batch))
-    return [batch for _, _, batch in sorted(heap, key=lambda entry: entry[1])]
-
-
-def _distributed() -> Any:
-    """
-    Import distributed, which only ``--dask`` needs.
-
-    :return: The module, untyped.
-    :raises BackfillError: If the dask extra is not installed.
-    """
-    try:
-        return importlib.import_module("distributed")
-    except ImportError:
-        raise BackfillError("--dask needs the dask extra: pip install model-runner-sink[dask]") from None
-
-
-def _keys(target: Target, sources: Sequence[Source]) -> list[str]:
-    return [object_key(target.prefix, source.image_id) for source in sources]
-
-
-async def _write_batch(
-    sources: Sequence[Source], target: Target, report: Callable[[Outcome], object], stop: Any, rerun: bool
-) -> None:
-    if rerun:
-        # A scheduler that allows it runs a batch again when its worker died mid-batch: the uploads that worker
-        # was writing are in progress still, and nothing else of this job writes these keys.
-        for problem in await abort_uploads(target, _keys(target, sources)):
-            logger.error("%s", problem)
-    await run_sources(sources, target, report, stop=stop)
-
-
-def run_batch(
-    sources: Sequence[Source], target: Target, stop_event: str | None = None, started_event: str | None = None
-) -> list[Outcome]:
-    """
-    Write a batch of files on a dask worker, on an event loop and a sink of its own.
-
-    :param sources: The files, readable from the worker.
-    :param target: Where and how to write.
-    :param stop_event: Name of a ``distributed.Event`` that, once set, stops the batch.
-    :param started_event: Name of a ``distributed.Event`` the batch sets when it starts; finding it set already,
-        the batch knows it runs again after its worker died, and first aborts the uploads left under its keys.
-    :return: The outcome of each file done.
-    """
-    outcomes: list[Outcome] = []
-    stop = None
-    rerun = False
-    if stop_event is not None or started_event is not None:
-        distributed = _distributed()
-        client = distributed.get_client()
-        if stop_event is not None:
-            stop = distributed.Event(stop_event, client=client).wait
-        if started_event is not None:
-            started = distributed.Event(started_event, client=client)
-            rerun = started.is_set()
-            started.set()
-    with quiet_sink_errors():
-        anyio.run(partial(_write_batch, sources, target, outcomes.append, stop, rerun))
-    return outcomes
 
 
 @contextmanager
@@ -241,12 +161,12 @@ class _Batches:
                 self._report(outcome)
 
     def _fail(self, batch: Sequence[Source], reason: str) -> None:
-        for source, key in zip(batch, _keys(self._target, batch), strict=True):
+        for source, key in zip(batch, object_keys(self._target, batch), strict=True):
             self._report(Outcome(str(source.path), "failed", key, reason, source.size))
 
     def _abort_uploads(self, sources: Sequence[Source]) -> None:
         try:
-            problems = anyio.run(abort_uploads, self._target, _keys(self._target, sources))
+            problems = anyio.run(abort_uploads, self._target, object_keys(self._target, sources))
         except Exception as error:
             problems = [f"cannot abort the multipart uploads of {len(sources)} files: {_describe(error)}"]
         for problem in problems:
@@ -293,7 +213,7 @@ def run_on_dask(
     :param stop_timeout: How long to wait for the batches after ``interrupted`` is set.
     :raises BackfillError: If distributed is not installed or the scheduler cannot be reached.
     """
-    distributed = _distributed()
+    distributed = import_distributed()
     batches = _Batches(distributed, target, report, tell)
     reason: str | None = None
     try:

@@ -1,6 +1,5 @@
 """
-The backfill's writes: source files to S3 objects through :class:`~model_runner.sink.AsyncS3Sink`, resumably, and
-the cleanup of multipart uploads that a writer killed mid-write could not abort itself.
+The backfill's writes: source files to S3 objects through :class:`~model_runner.sink.AsyncS3Sink`, resumably.
 
 Each object carries the SHA-256 of its source file as the user metadata ``source-sha256``; a resumed job skips the
 files whose object already carries their digest, and rewrites those whose digest differs.
@@ -9,36 +8,31 @@ files whose object already carries their digest, and rewrites those whose digest
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import anyio.to_thread
 from botocore.exceptions import BotoCoreError, ClientError
 
-from model_runner.backfill_sources import Outcome, Source, SourceError, inspect_source, read_features
-from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, SinkSettings
-from model_runner.sink.clients import ClientOptions, shared_client
+from model_runner.cli.backfill import DEFAULT_CONCURRENCY
+from model_runner.cli.backfill.reading import inspect_source, read_features
+from model_runner.cli.backfill.sources import Outcome, Source, SourceError
+from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException
 
 __all__ = [
-    "DEFAULT_CONCURRENCY",
     "DIGEST_METADATA",
     "BackfillError",
     "Target",
-    "abort_uploads",
     "check_bucket",
     "quiet_sink_errors",
     "run_sources",
 ]
 
 DIGEST_METADATA = "source-sha256"
-DEFAULT_CONCURRENCY = 8
 # How often a write loop looks whether it was asked to stop.
 STOP_POLL_SECONDS = 0.5
-# Listings at once when aborting what a killed writer left: S3 answers each in tens of milliseconds.
-ABORT_CONCURRENCY = 16
 
 # Both sinks log their write failures here; the job reports them itself.
 _sink_logger = logging.getLogger("model_runner.sink.s3_sink")
@@ -179,61 +173,3 @@ async def check_bucket(target: Target) -> None:
         raise BackfillError(f"cannot reach bucket {target.bucket}: {error}") from None
     if not usable:
         raise BackfillError(f"bucket {target.bucket} does not exist or cannot be accessed")
-
-
-def _error_code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
-
-
-async def _abort_key(client: Any, bucket: str, key: str, bucket_arguments: dict[str, str], problems: list[str]) -> None:
-    """
-    Abort every multipart upload in progress for exactly one key.
-
-    :param client: An S3 client.
-    :param bucket: The bucket.
-    :param key: The key; a listing by prefix also gives longer keys, which are left alone.
-    :param bucket_arguments: Extra arguments of every request (the expected bucket owner).
-    :param problems: Where what could not be listed or aborted is told.
-    """
-    try:
-        async for page in client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=bucket, Prefix=key, **bucket_arguments
-        ):
-            for upload in page.get("Uploads", []):
-                if upload.get("Key") != key:
-                    continue
-                try:
-                    await client.abort_multipart_upload(
-                        Bucket=bucket, Key=key, UploadId=upload["UploadId"], **bucket_arguments
-                    )
-                except ClientError as error:
-                    if _error_code(error) != "NoSuchUpload":  # aborted or completed meanwhile
-                        problems.append(f"multipart upload {upload['UploadId']} of {key} left in progress: {error}")
-    except (ClientError, BotoCoreError) as error:
-        problems.append(f"cannot list the multipart uploads of {key}: {error}")
-
-
-async def abort_uploads(target: Target, keys: Iterable[str]) -> list[str]:
-    """
-    Abort the multipart uploads in progress under some keys: those a writer killed mid-write left behind.
-
-    Only call it when nothing of this job writes these keys any more: an upload in flight would be aborted too.
-
-    :param target: The bucket, and the role to assume.
-    :param keys: The exact keys; each is listed with ``ListMultipartUploads`` (the key as prefix).
-    :return: What could not be listed or aborted, one line each; empty when every upload found was aborted.
-    :raises InvalidAssumedRoleException: If the role cannot be assumed.
-    """
-    settings = SinkSettings()
-    problems: list[str] = []
-    limiter = anyio.CapacityLimiter(ABORT_CONCURRENCY)
-
-    async def abort(client: Any, key: str) -> None:
-        async with limiter:
-            await _abort_key(client, target.bucket, key, settings.bucket_arguments(), problems)
-
-    options = ClientOptions(settings=settings, assumed_role=target.role)
-    async with shared_client(options) as shared, anyio.create_task_group() as group:
-        for key in dict.fromkeys(keys):
-            group.start_soon(abort, shared.client, key)
-    return problems
