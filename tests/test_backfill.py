@@ -336,7 +336,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(
     write_source(tmp_path / "b-big.ndjson", big_features[:40_000])
     arguments = (str(tmp_path), "--bucket", bucket, "--prefix", PREFIX, "--concurrency", "1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "model_runner.sink", "backfill", *arguments, *mode],
+        [sys.executable, "-m", "model_runner", "backfill", *arguments, *mode],
         env=subprocess_environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -169,7 +169,7 @@ def test_ctrl_c_waits_for_the_batches_together_then_aborts_what_they_could_not(
     held_aborts = proxy.add_rule(Rule({"AbortMultipartUpload"}, "delay", delay=HELD_SECONDS, times=2))
     arguments = [str(tmp_path), "--bucket", bucket, "--prefix", PREFIX, "--dask", "local", "--stop-timeout", "5"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "model_runner.sink", "backfill", *arguments],
+        [sys.executable, "-m", "model_runner", "backfill", *arguments],
         env={**subprocess_environment, "AWS_ENDPOINT_URL_S3": proxy.url},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
