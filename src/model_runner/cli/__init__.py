@@ -2,20 +2,49 @@
 The ``model-runner-sink`` command, an application on top of :mod:`model_runner.sink`: ``demo`` writes and verifies
 collections on an embedded S3 server, ``backfill`` writes GeoJSON files from disk to S3.
 
-This module is the parser and :func:`main`. Each command's module is imported only when the command runs.
+The command's dependencies are the ``cli`` extra, and the ``demo`` extra for ``demo``; the library needs neither.
+This module, the parser and :func:`main`, imports none of them: ``--help`` works without them, and a command whose
+extra is missing says what to install in one line (exit status 2) rather than with a traceback. A command's own
+module is imported when it runs, once its extras are checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 
 from model_runner.cli.backfill import DEFAULT_CONCURRENCY, STOP_TIMEOUT_SECONDS
 
 __all__ = ["build_parser", "main"]
 
 Command = Callable[[argparse.Namespace], int]
+
+# The modules each extra brings that the commands import; moto brings boto3, which the demo reads back with.
+_EXTRA_MODULES = {"cli": ("ijson", "tqdm"), "demo": ("moto", "boto3")}
+# As argparse's for a command line it cannot run.
+_MISSING_EXTRA_STATUS = 2
+
+
+def _missing_extra(extras: Sequence[str]) -> tuple[str, str] | None:
+    """
+    Find the first extra that is not installed.
+
+    :param extras: The extras a command needs.
+    :return: The extra and one of its modules that is not installed, or `None` when all are.
+    """
+    for extra in extras:
+        for module in _EXTRA_MODULES[extra]:
+            # Found, not imported: the demo runs moto in a server process, importing it here would only be slow.
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ImportError:
+                found = False
+            if not found:
+                return extra, module
+    return None
 
 
 def _positive_int(text: str) -> int:
@@ -59,6 +88,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     :param args: The parsed ``demo`` options.
     :return: 0 if every object verified, else 1.
     """
+    # Here, not at the top: see the module's docstring.
     from model_runner.cli.demo import run_demo
 
     return run_demo(features=args.features, seed=args.seed)
@@ -83,7 +113,7 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="features in the large collections (default: %(default)s)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic detections (default: %(default)s)")
-    demo.set_defaults(command=_run_demo)
+    demo.set_defaults(command=_run_demo, extras=("cli", "demo"))
 
 
 def _run_backfill(args: argparse.Namespace) -> int:
@@ -94,6 +124,7 @@ def _run_backfill(args: argparse.Namespace) -> int:
     :param args: The parsed ``backfill`` options.
     :return: 0 if no file failed, 1 if some did or the job could not run, 130 if interrupted.
     """
+    # Here, not at the top: see the module's docstring.
     from model_runner.cli.backfill.job import backfill
     from model_runner.cli.backfill.writes import Target
 
@@ -123,7 +154,7 @@ def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     backfill_parser = commands.add_parser(
         "backfill", help="write GeoJSON files to S3, resumably", description=description
     )
-    backfill_parser.set_defaults(command=_run_backfill)
+    backfill_parser.set_defaults(command=_run_backfill, extras=("cli",))
     backfill_parser.add_argument(
         "sources", nargs="+", metavar="SRC", help="files, or folders searched recursively; symbolic links are followed"
     )
@@ -164,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     """
     Build the command-line parser. A subcommand is added by a function like :func:`_add_demo`.
 
-    :return: The parser of the command line; each subcommand sets ``command`` to the function that runs it.
+    :return: The parser of the command line; each subcommand sets ``command`` to the function that runs it, and
+        ``extras`` to the extras that function needs.
     """
     parser = argparse.ArgumentParser(
         prog="model-runner-sink", description="Write GeoJSON detection results to Amazon S3."
@@ -183,5 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     :return: The exit status.
     """
     args = build_parser().parse_args(argv)
+    missing = _missing_extra(args.extras)
+    if missing is not None:
+        extra, module = missing
+        print(
+            f"model-runner-sink: this command needs the {extra} extra ({module} is not installed): "
+            f"pip install 'model-runner-sink[{extra}]'",
+            file=sys.stderr,
+        )
+        return _MISSING_EXTRA_STATUS
     command: Command = args.command
     return command(args)
