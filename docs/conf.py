@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 project = "model-runner-sink"
 author = "model-runner-sink contributors"
 project_copyright = "model-runner-sink contributors"
-release = "0.1.0"
+# The docs are built where the package is installed (make docs): one version, pyproject's.
+release = importlib.metadata.version("model-runner-sink")
 
 # AutoAPI reads the source without importing it, so the build needs no AWS configuration and no optional extra.
 extensions = ["autoapi.extension"]
