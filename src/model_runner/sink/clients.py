@@ -13,11 +13,14 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from aiobotocore.config import AioConfig
+from aiobotocore.endpoint import DEFAULT_HTTP_SESSION_CLS
 from aiobotocore.session import AioSession
 from botocore import loaders
 from botocore.config import Config
 from botocore.exceptions import ProfileNotFound
 
+from model_runner.sink.connections import SharedTlsSession
 from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, refresh
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.upload import ByteBudget
@@ -282,7 +285,7 @@ def _configured(session: AioSession, variable: str, environment: str) -> bool:
         return False
 
 
-def _client_config(options: ClientOptions, session: AioSession) -> Config:
+def _client_config(options: ClientOptions, session: AioSession) -> AioConfig:
     settings = options.settings
     retries: dict[str, Any] = {}
     if settings.retry_mode is not None:
@@ -291,8 +294,9 @@ def _client_config(options: ClientOptions, session: AioSession) -> Config:
         retries["mode"] = "standard"
     if settings.max_attempts is not None:
         retries["total_max_attempts"] = settings.max_attempts
-    config = Config(
-        retries=retries or None,  # type: ignore[arg-type]
+    config = AioConfig(
+        http_session_cls=SharedTlsSession,
+        retries=retries or None,
         max_pool_connections=settings.max_pool_connections,
         # Checksums are computed in worker threads and sent with each request; botocore would hash the body
         # again on the event loop, and sign it with SHA-256 over plain HTTP.
@@ -300,4 +304,15 @@ def _client_config(options: ClientOptions, session: AioSession) -> Config:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return config.merge(options.client_config) if options.client_config is not None else config
+    if options.client_config is None:
+        return config
+    # AioConfig.merge takes any Config, and keeps botocore's options only: the aiohttp options are set after.
+    # (The stubs know neither.)
+    merged = config.merge(options.client_config)  # type: ignore[arg-type]
+    merged.http_session_cls = SharedTlsSession  # type: ignore[attr-defined]
+    user = options.client_config
+    if isinstance(user, AioConfig):
+        merged.connector_args = user.connector_args  # type: ignore[attr-defined]
+        if user.http_session_cls is not DEFAULT_HTTP_SESSION_CLS:  # type: ignore[attr-defined]
+            merged.http_session_cls = user.http_session_cls  # type: ignore[attr-defined]
+    return merged
