@@ -23,10 +23,11 @@ import pytest
 from aiobotocore.config import AioConfig
 from botocore.config import Config
 from botocore.exceptions import SSLError
+from botocore.loaders import Loader
 from tls import ConnectProxy, TlsMotoServer
 
 from model_runner.demo import MotoServer
-from model_runner.sink import AsyncS3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, SinkSettings, clients
 from model_runner.sink.clients import ClientOptions, shared_client
 from model_runner.sink.connections import SharedTlsSession
 
@@ -104,14 +105,14 @@ def test_https_through_a_proxy(tls_server: TlsMotoServer, monkeypatch: pytest.Mo
 
 
 # Run in a fresh process: two event loops each write once to the TLS server, the second with a client_config of its
-# own; the profiling hooks record which threads called what.
+# own; the profiling hooks record which threads called what, and which modules the first write imported.
 _OBSERVE = """
 import asyncio, json, sys, threading
 from botocore.config import Config
 from model_runner.demo import MotoServer
 from model_runner.sink import AsyncS3Sink, SinkSettings
 
-WATCHED = {"load_verify_locations"}
+WATCHED = {"load_verify_locations", "_register_builtin_handlers", "_create_client_class", "_load_file"}
 calls = []
 
 def hook(frame, event, arg):
@@ -127,11 +128,13 @@ async def write(client_config):
                        client_config=client_config)
     assert await sink.write("image", [{"type": "Feature", "geometry": None, "properties": {}}])
 
+before = set(sys.modules)
 asyncio.run(write(None))
+imported = sorted(set(sys.modules) - before)
 asyncio.run(write(Config(read_timeout=30)))
 sys.setprofile(None)
 threading.setprofile(None)
-print(json.dumps({"calls": calls}))
+print(json.dumps({"calls": calls, "imported": imported}))
 """
 
 
@@ -160,6 +163,33 @@ def _threads(observed: dict[str, Any], name: str) -> list[str]:
 def test_tls_context_is_built_once_per_process_off_the_loop(observed: dict[str, Any]) -> None:
     # Two clients of two loops, configured differently, share one context, loaded in a worker thread.
     assert _threads(observed, "load_verify_locations") == ["worker"]
+
+
+def test_botocore_handlers_are_registered_once_per_process_off_the_loop(observed: dict[str, Any]) -> None:
+    # Each loop has a session of its own, made from the first one's handlers.
+    assert _threads(observed, "_register_builtin_handlers") == ["worker"]
+
+
+def test_clients_are_made_off_the_loop(observed: dict[str, Any]) -> None:
+    assert _threads(observed, "_create_client_class") == ["worker", "worker"]
+
+
+def test_models_are_parsed_with_orjson(observed: dict[str, Any]) -> None:
+    # botocore's loader parses with the json module, which holds the GIL ~5x longer.
+    assert _threads(observed, "_load_file") == []
+
+
+def test_orjson_parses_the_models_as_botocore_does() -> None:
+    # Fresh loaders: botocore edits the models it has loaded (S3's request URIs) as clients use them.
+    ours, botocores = Loader(file_loader=clients._OrjsonFileLoader()), Loader()
+    for service, kind in (("s3", "service-2"), ("s3", "endpoint-rule-set-1"), ("sts", "service-2")):
+        assert ours.load_service_model(service, kind) == botocores.load_service_model(service, kind)
+    assert ours.load_data("endpoints") == botocores.load_data("endpoints")
+
+
+def test_first_write_imports_nothing(observed: dict[str, Any]) -> None:
+    # An import on first use runs on the loop thread: the sink imports what its writes need.
+    assert observed["imported"] == []
 
 
 @pytest.mark.anyio
