@@ -22,6 +22,7 @@ import boto3
 import pytest
 from aiobotocore.config import AioConfig
 from botocore.config import Config
+from botocore.endpoint_provider import EndpointProvider
 from botocore.exceptions import SSLError
 from botocore.loaders import Loader
 from tls import ConnectProxy, TlsMotoServer
@@ -30,6 +31,7 @@ from model_runner.demo import MotoServer
 from model_runner.sink import AsyncS3Sink, SinkSettings, clients
 from model_runner.sink.clients import ClientOptions, shared_client
 from model_runner.sink.connections import SharedTlsSession
+from model_runner.sink.endpoints import unread_parameters
 
 FEATURES = [{"type": "Feature", "geometry": None, "properties": {"n": n}} for n in range(3)]
 # One attempt: a refused certificate fails at once instead of after botocore's retries.
@@ -190,6 +192,32 @@ def test_orjson_parses_the_models_as_botocore_does() -> None:
 def test_first_write_imports_nothing(observed: dict[str, Any]) -> None:
     # An import on first use runs on the loop thread: the sink imports what its writes need.
     assert observed["imported"] == []
+
+
+@pytest.mark.anyio
+async def test_endpoint_is_resolved_once_per_bucket(bucket: str) -> None:
+    sink = AsyncS3Sink(bucket, "keys")
+    await sink.write("first", FEATURES)
+    misses = EndpointProvider.resolve_endpoint.cache_info().misses  # type: ignore[attr-defined]
+    for name in ("second", "third", "fourth"):
+        assert await sink.write(name, FEATURES)
+    # The object key is a parameter of S3's endpoint rules that no rule reads: new keys, same resolution.
+    assert EndpointProvider.resolve_endpoint.cache_info().misses == misses  # type: ignore[attr-defined]
+
+
+def test_unread_parameters() -> None:
+    ruleset = {
+        "parameters": {"Bucket": {}, "Region": {}, "Key": {}, "Endpoint": {}},
+        "rules": [
+            {
+                "conditions": [{"fn": "isSet", "argv": [{"ref": "Bucket"}]}],
+                "endpoint": {"url": "https://{Bucket}.s3.{Region}.example", "properties": {}, "headers": {}},
+                "type": "endpoint",
+            },
+            {"conditions": [], "error": "no {Endpoint#path}", "type": "error"},
+        ],
+    }
+    assert unread_parameters(ruleset) == {"Key"}
 
 
 @pytest.mark.anyio

@@ -31,6 +31,7 @@ from botocore.exceptions import ProfileNotFound
 
 from model_runner.sink.connections import SharedTlsSession
 from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, refresh
+from model_runner.sink.endpoints import resolve_once_per_bucket
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.upload import ByteBudget
 
@@ -174,7 +175,9 @@ class _MadeInThread:
 
     async def _enter(self) -> tuple[AbstractAsyncContextManager[Any], Any]:
         context = self._make()
-        return context, await context.__aenter__()
+        client = await context.__aenter__()
+        resolve_once_per_bucket(client, _shared_loader().load_service_model("s3", "endpoint-rule-set-1"))
+        return context, client
 
     async def __aenter__(self) -> Any:
         self._context, client = await anyio.to_thread.run_sync(lambda: asyncio.run(self._enter()))
