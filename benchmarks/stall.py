@@ -197,7 +197,9 @@ def measure_rows(
         make_dataset(dataset, 100_000)
         for repeat in range(repeats):
             for row in rows:
-                for label, source in sources.items():
+                # Alternated, so that neither side always runs first (and meets the machine in another state).
+                pairs = list(sources.items())
+                for label, source in pairs if repeat % 2 == 0 else pairs[::-1]:
                     last = diagnose and repeat == repeats - 1 and label == "new"
                     spec = {**row.spec, "bucket": BUCKET, "prefix": f"{row.key}/{label}/{repeat}"}
                     spec.update(dataset=str(dataset), diagnose=last, server_pid=None)
