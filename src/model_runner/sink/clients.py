@@ -38,8 +38,8 @@ from model_runner.sink.upload import ByteBudget
 __all__ = ["IDLE_SECONDS", "ClientOptions", "SharedClient", "SharedClients", "shared_client"]
 
 # A client outlives its last sink this long, so that a service writing now and then does not pay for a new one:
-# creating a client stalls the event loop ~40 ms (aiohttp loads the CA bundle on the loop thread). Kept, it holds
-# no socket: aiohttp closes idle connections after its keep-alive timeout.
+# its first write costs ~17 ms of CPU (the making is off the loop: the loop stalls ~5 ms) and a bucket check.
+# Kept, it holds ~0.4 MB and no socket: aiohttp closes idle connections after its keep-alive timeout.
 IDLE_SECONDS = 300.0
 
 # The standard variables that decide where a session's clients go and who they are: sessions and clients are
@@ -166,7 +166,8 @@ class _MadeInThread:
 
     Creating a client is ~10 ms of pure Python (its class, endpoint rules, handlers) in one step of the event loop;
     in a worker thread it stalls the loop at most a GIL switch interval. An aiobotocore client is bound to no event
-    loop until its first request opens its aiohttp session, and its locks bind to a loop when first waited on.
+    loop until its first request opens its aiohttp session, and its locks bind to a loop when first waited on. Its
+    endpoint resolution is narrowed there too (:func:`~model_runner.sink.endpoints.resolve_once_per_bucket`).
     """
 
     def __init__(self, make: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
