@@ -155,6 +155,14 @@ def _run(spec: dict[str, Any], source: str | None) -> dict[str, Any]:
     raise RuntimeError("measurement failed:\n" + "\n".join(tail))
 
 
+def _empty(client: Any) -> None:
+    # Dropped after each measurement: a server holding every 52 MB object of the run slows the later ones.
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
+
+
 def _verdict(row: Row, figure: float, versus: float | None) -> tuple[str, bool]:
     if not row.must:
         return "", True
@@ -191,8 +199,8 @@ def measure_rows(
 
     with tempfile.TemporaryDirectory(prefix="model-runner-stall-") as directory, MotoServer() as server:
         server.apply_environment()
-
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
         dataset = Path(directory) / "features.json"
         make_dataset(dataset, 100_000)
         for repeat in range(repeats):
@@ -204,6 +212,7 @@ def measure_rows(
                     spec = {**row.spec, "bucket": BUCKET, "prefix": f"{row.key}/{label}/{repeat}"}
                     spec.update(dataset=str(dataset), diagnose=last, server_pid=None)
                     result = _run(spec, source)
+                    _empty(client)
                     figure = row.figure(result)
                     figures[row.key][label].append(figure)
                     log(f"[{repeat + 1}/{repeats}] {row.key:<15} {label:<4} {figure:8.2f} ms")
