@@ -2,7 +2,8 @@
 ``python -m benchmarks``: seed, floor, AsyncS3Sink and S3Sink side by side, on a moto S3 server it starts.
 
 Options: ``--quick`` (smaller sizes, one run each), ``--repeats N``, ``--only WORKLOAD[,WORKLOAD]``,
-``--contenders NAME[,NAME]``, ``--json PATH``, ``--diagnose-stalls``. See ``--help``.
+``--contenders NAME[,NAME]``, ``--json PATH``, ``--diagnose-stalls``. See ``--help``. ``--stall`` (first) runs
+issue 12's table instead: see :mod:`benchmarks.stall`.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     :param argv: Command-line arguments, ``sys.argv[1:]`` by default.
     :return: The exit status: 0, 1 if a measurement failed, 2 for an unknown workload or contender.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--stall"]:
+        # Issue 12's table: cold and warm stalls and CPU per small write, in a run of their own.
+        from benchmarks.stall import main as stall_main
+
+        return stall_main(argv[1:])
     arguments = parse_arguments(
         "python -m benchmarks",
         "Benchmark the S3 sinks against the seed and a floor, on a moto S3 server of their own.",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import gzip
 import logging
 import os
 import threading
@@ -13,13 +16,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+
+# anyio imports its asyncio backend on first use, which took ~15 ms of the first write's event loop; imported
+# with the sink instead.
+import anyio._backends._asyncio
 import anyio.to_thread
+import orjson
+from aiobotocore.config import AioConfig
+from aiobotocore.endpoint import DEFAULT_HTTP_SESSION_CLS
+from aiobotocore.hooks import AioHierarchicalEmitter
 from aiobotocore.session import AioSession
 from botocore import loaders
 from botocore.config import Config
 from botocore.exceptions import ProfileNotFound
 
+from model_runner.sink.connections import SharedTlsSession
 from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, forget_loop_credentials, refresh
+from model_runner.sink.endpoints import resolve_once_per_bucket
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.upload import ABORT_TIMEOUT_SECONDS, ByteBudget
 
@@ -37,8 +50,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # A client outlives its last sink this long, so that a service writing now and then does not pay for a new one:
-# creating a client stalls the event loop ~40 ms (aiohttp loads the CA bundle on the loop thread). Kept, it holds
-# no socket: aiohttp closes idle connections after its keep-alive timeout.
+# its first write costs ~17 ms of CPU (the making is off the loop: the loop stalls ~5 ms) and a bucket check.
+# Kept, it holds ~0.4 MB and no socket: aiohttp closes idle connections after its keep-alive timeout.
 IDLE_SECONDS = 300.0
 # Closing a loop's clients waits this long at most for the writes still holding one: longer than a write's own
 # bounded clean-up (an answer in flight, then its abort), so that clean-up finishes on an open client, yet a hung
@@ -61,6 +74,7 @@ _ENVIRONMENT = (
 
 _loader_lock = threading.Lock()
 _loader: loaders.Loader | None = None
+_handlers: AioHierarchicalEmitter | None = None
 _default_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str | None, ...], AioSession]] = (
     weakref.WeakKeyDictionary()
 )
@@ -129,7 +143,7 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
     # First, so that the loop's sessions and credentials below are let go of with its clients when it ends.
     SharedClients.of_running_loop()
     environment = tuple(os.environ.get(name) for name in _ENVIRONMENT)
-    source = _default_session(environment)
+    source = await _default_session(environment)
     region = options.region_name or os.environ.get("AWS_REGION") or source.get_config_variable("region")
     region = region or "us-east-1"
     credentials = None
@@ -146,7 +160,7 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
         await refresh(credentials, options.assumed_role)
     key = (options, region, credentials, environment)
 
-    def create() -> AbstractAsyncContextManager[Any]:
+    def make() -> AbstractAsyncContextManager[Any]:
         session = source
         if credentials is not None:
             session = _new_session()
@@ -155,6 +169,9 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
         return session.create_client(
             "s3", region_name=region, endpoint_url=options.endpoint_url, config=_client_config(options, source)
         )
+
+    def create() -> AbstractAsyncContextManager[Any]:
+        return _MadeInThread(make)
 
     # Again, with no await before taking: the registry may have closed while the credentials were refreshed.
     registry = SharedClients.of_running_loop()
@@ -178,6 +195,35 @@ async def close_shared_clients() -> None:
     registry = _registries.get(asyncio.get_running_loop())
     if registry is not None:
         await registry.close()
+
+
+class _MadeInThread:
+    """
+    A client's context manager, entered in a worker thread on an event loop of its own, exited on the caller's.
+
+    Creating a client is ~10 ms of pure Python (its class, endpoint rules, handlers) in one step of the event loop;
+    in a worker thread it stalls the loop at most a GIL switch interval. An aiobotocore client is bound to no event
+    loop until its first request opens its aiohttp session, and its locks bind to a loop when first waited on. Its
+    endpoint resolution is narrowed there too (:func:`~model_runner.sink.endpoints.resolve_once_per_bucket`).
+    """
+
+    def __init__(self, make: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
+        self._make = make
+        self._context: AbstractAsyncContextManager[Any] | None = None
+
+    async def _enter(self) -> tuple[AbstractAsyncContextManager[Any], Any]:
+        context = self._make()
+        client = await context.__aenter__()
+        resolve_once_per_bucket(client, _shared_loader().load_service_model("s3", "endpoint-rule-set-1"))
+        return context, client
+
+    async def __aenter__(self) -> Any:
+        self._context, client = await anyio.to_thread.run_sync(lambda: asyncio.run(self._enter()))
+        return client
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._context is not None
+        return await self._context.__aexit__(*exc_info)
 
 
 class SharedClients:
@@ -432,27 +478,68 @@ def _load_models() -> None:
         loader.load_data(name)
 
 
+class _OrjsonFileLoader(loaders.JSONFileLoader):
+    """
+    botocore's model files, parsed with orjson.
+
+    A JSON parser holds the GIL for a whole file, worker thread or not: the event loop waits as long. The json
+    module takes ~20 ms for S3's model and ~25 ms with its rule set, orjson ~5x less (the order of keys is kept).
+    """
+
+    def load_file(self, file_path: str) -> Any:
+        for extension, opener in ((".json", open), (".json.gz", gzip.open)):
+            path = file_path + extension
+            if os.path.isfile(path):
+                with opener(path, "rb") as file:
+                    return orjson.loads(file.read())
+        return None
+
+
 def _shared_loader() -> loaders.Loader:
     # One loader for every session: the S3 model costs tens of milliseconds to load, once per process.
     global _loader
     with _loader_lock:
         if _loader is None:
-            _loader = loaders.create_loader()
+            _loader = loaders.Loader(file_loader=_OrjsonFileLoader())
         return _loader
 
 
+def _builtin_handlers() -> AioHierarchicalEmitter:
+    # A session registers botocore's ~300 built-in handlers, inspecting each one's signature (~10 ms, far more on
+    # a busy machine); they are the same for every session, so they are registered once and copied (~0.2 ms).
+    global _handlers
+    with _loader_lock:
+        if _handlers is None:
+            handlers = AioHierarchicalEmitter()
+            AioSession(event_hooks=handlers)
+            _handlers = handlers
+        return _handlers
+
+
 def _new_session() -> AioSession:
-    session = AioSession()
+    session = AioSession(event_hooks=copy.copy(_builtin_handlers()), include_builtin_handlers=False)
     session.register_component("data_loader", _shared_loader())
     return session
 
 
-def _default_session(environment: tuple[str | None, ...]) -> AioSession:
+def _new_default_session() -> AioSession:
+    _load_models()
+    session = _new_session()
+    # Reads the configuration files, which the session then keeps: here in a worker thread, not on the loop. A
+    # missing profile is raised on the loop when the region is read, as before.
+    with contextlib.suppress(ProfileNotFound):
+        session.get_scoped_config()
+    return session
+
+
+async def _default_session(environment: tuple[str | None, ...]) -> AioSession:
     # A session caches credentials whose refresh lock belongs to one event loop: one session per loop.
     sessions = _default_sessions.setdefault(asyncio.get_running_loop(), {})
     session = sessions.get(environment)
     if session is None:
-        session = sessions[environment] = _new_session()
+        # Made in a worker thread, a new session stalls the loop at most a GIL switch interval, not its making.
+        made = await anyio.to_thread.run_sync(_new_default_session)
+        session = sessions.setdefault(environment, made)
     return session
 
 
@@ -465,7 +552,7 @@ def _configured(session: AioSession, variable: str, environment: str) -> bool:
         return False
 
 
-def _client_config(options: ClientOptions, session: AioSession) -> Config:
+def _client_config(options: ClientOptions, session: AioSession) -> AioConfig:
     settings = options.settings
     retries: dict[str, Any] = {}
     if settings.retry_mode is not None:
@@ -474,8 +561,9 @@ def _client_config(options: ClientOptions, session: AioSession) -> Config:
         retries["mode"] = "standard"
     if settings.max_attempts is not None:
         retries["total_max_attempts"] = settings.max_attempts
-    config = Config(
-        retries=retries or None,  # type: ignore[arg-type]
+    config = AioConfig(
+        http_session_cls=SharedTlsSession,
+        retries=retries or None,
         max_pool_connections=settings.max_pool_connections,
         # Checksums are computed in worker threads and sent with each request; botocore would hash the body
         # again on the event loop, and sign it with SHA-256 over plain HTTP.
@@ -483,4 +571,15 @@ def _client_config(options: ClientOptions, session: AioSession) -> Config:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return config.merge(options.client_config) if options.client_config is not None else config
+    if options.client_config is None:
+        return config
+    # AioConfig.merge takes any Config, and keeps botocore's options only: the aiohttp options are set after.
+    # (The stubs know neither.)
+    merged = config.merge(options.client_config)  # type: ignore[arg-type]
+    merged.http_session_cls = SharedTlsSession  # type: ignore[attr-defined]
+    user = options.client_config
+    if isinstance(user, AioConfig):
+        merged.connector_args = user.connector_args  # type: ignore[attr-defined]
+        if user.http_session_cls is not DEFAULT_HTTP_SESSION_CLS:  # type: ignore[attr-defined]
+            merged.http_session_cls = user.http_session_cls  # type: ignore[attr-defined]
+    return merged
