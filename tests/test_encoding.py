@@ -403,3 +403,8 @@ def test_a_non_finite_coordinate_anywhere_is_refused_for_any_batch_size(
     with pytest.raises(FeatureEncodingError) as raised:
         anyio.run(functools.partial(encode, features, batch_features=batch))
     assert raised.value.index == index
+
+
+async def test_a_null_coordinate_is_refused() -> None:
+    with pytest.raises(FeatureEncodingError, match=r"feature 0 .*coordinate is None \(at geometry.coordinates\[1\]\)"):
+        await encode([feature_with({"type": "Point", "coordinates": [1.0, None]})])
