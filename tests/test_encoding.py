@@ -331,6 +331,25 @@ async def test_keys_written_as_the_same_json_key_are_refused_with_the_feature_in
     assert "feature 217" in str(raised.value) and where in str(raised.value) and "distinct" in str(raised.value)
 
 
+@pytest.mark.parametrize("batch", [1, 7, 256, 5000])
+async def test_features_with_non_string_keys_among_others_are_written_as_orjson_writes_them(batch: int) -> None:
+    features = [
+        feature | {"properties": {**feature["properties"], "scores": {0: 0.9, 1: 0.1}}} if index % 3 == 0 else feature
+        for index, feature in enumerate(FEATURES)
+    ]
+    body, _, stats = await encode(features, batch_features=batch)
+    assert body == orjson.dumps({"type": "FeatureCollection", "features": features}, option=orjson.OPT_NON_STR_KEYS)
+    assert stats.features == len(features)
+
+
+@pytest.mark.parametrize("batch", [16, 5000])
+async def test_a_collision_among_features_that_all_have_non_string_keys_names_its_index(batch: int) -> None:
+    features = [feature | {"properties": {0: "zero", 1: "one"}} for feature in FEATURES]
+    features[217] = features[217] | {"properties": {0: "zero", "0": "also zero"}}
+    with pytest.raises(FeatureEncodingError, match=r"feature 217 .*0, '0' at properties are all written as"):
+        await encode(features, batch_features=batch)
+
+
 async def test_non_string_keys_and_decimal_digits_in_one_batch_are_not_a_collision() -> None:
     feature = feature_with(None, classes={1: "car", 2: "bus"}, price=Decimal("1.10000000000000000001"))
     body, _, _ = await encode([feature, feature])
