@@ -38,7 +38,7 @@ COLLECTION_TAIL = b"]}"
 
 # NaN and infinities become null, as orjson always does (refused in coordinates); numpy values are written natively.
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-# Non-string keys cost orjson speed on every dict, so they are only allowed on a batch that needs them.
+# Non-string keys cost orjson speed on every dict, so they are only allowed on a group of features that needs them.
 _LENIENT_OPTIONS = _OPTIONS | orjson.OPT_NON_STR_KEYS
 # A batch never grows past this, however small its features: it bounds one chunk's size.
 _MAX_BATCH_FEATURES = 16384
@@ -141,8 +141,8 @@ def _not_a_feature(feature: Any) -> str | None:
 
 
 def _dumps_lenient(features: list[Any], first_index: int) -> bytes:
-    # Groups without a non-string key are written as the fast path would; only the others pay for the look for
-    # keys written alike (1 and "1" are both "1"), which only non-string keys can be.
+    # Only non-string keys can be written alike (1 and "1" are both written "1"): a group without any is written as
+    # the fast path writes it, and only a group with some pays for looking for collisions.
     pieces: list[memoryview] = []
     for start in range(0, len(features), _LENIENT_GROUP):
         group = features[start : start + _LENIENT_GROUP]
