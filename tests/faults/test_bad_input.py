@@ -6,9 +6,11 @@ import datetime
 import math
 import os
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import orjson
 import pytest
@@ -45,14 +47,86 @@ async def test_features_that_are_not_a_collection_are_refused_before_any_request
     assert proxy.log == []
 
 
-async def test_an_unserialisable_value_in_a_small_collection_names_its_index_and_writes_nothing(
-    proxy: FaultProxy, bucket: str, s3: Any
+def unserialisable(feature: dict[str, Any]) -> dict[str, Any]:
+    return {**feature, "properties": {**feature["properties"], "mask": object()}}
+
+
+def bare_geometry(feature: dict[str, Any]) -> dict[str, Any]:
+    return dict(feature["geometry"])
+
+
+def nan_coordinate(feature: dict[str, Any]) -> dict[str, Any]:
+    return {**feature, "geometry": {"type": "Point", "coordinates": [math.nan, 1.0]}}
+
+
+def infinite_numpy_coordinate(feature: dict[str, Any]) -> dict[str, Any]:
+    return {**feature, "geometry": {"type": "Point", "coordinates": np.array([1.0, -math.inf])}}
+
+
+def colliding_keys(feature: dict[str, Any]) -> dict[str, Any]:
+    return {**feature, "properties": {**feature["properties"], 7: "int key", "7": "str key"}}
+
+
+def big_integer(feature: dict[str, Any]) -> dict[str, Any]:
+    return {**feature, "id": 2**64}
+
+
+BAD_FEATURES = [
+    pytest.param(unserialisable, "object", id="unserialisable"),
+    pytest.param(bare_geometry, "geometry, not a Feature", id="bare geometry"),
+    pytest.param(nan_coordinate, "coordinate is nan", id="NaN coordinate"),
+    pytest.param(infinite_numpy_coordinate, "coordinate is -inf", id="-inf numpy coordinate"),
+    pytest.param(colliding_keys, "written as the JSON key", id="colliding keys"),
+    pytest.param(big_integer, "as a string", id="big integer"),
+]
+
+
+@pytest.mark.parametrize(("spoil", "says"), BAD_FEATURES)
+async def test_a_bad_feature_in_a_small_collection_names_its_index_and_writes_nothing(
+    proxy: FaultProxy, bucket: str, s3: Any, spoil: Callable[[dict[str, Any]], Any], says: str
 ) -> None:
     features: list[Any] = list(synthetic_detections(30))
-    features[12]["properties"]["mask"] = object()
-    with pytest.raises(FeatureEncodingError, match="feature 12"):
+    features[12] = spoil(features[12])
+    with pytest.raises(FeatureEncodingError, match=f"feature 12 .*{says}"):
         await sink(proxy, bucket).write("image", features)
     assert proxy.count("PutObject") == 0
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
+
+
+MULTIPART_COUNT = 25_000
+
+
+@pytest.fixture(scope="module")
+def multipart_features() -> list[dict[str, Any]]:
+    return list(synthetic_detections(MULTIPART_COUNT, seed=9))
+
+
+@pytest.mark.parametrize(("spoil", "says"), BAD_FEATURES)
+async def test_a_bad_feature_after_parts_were_uploaded_leaves_no_object_and_no_upload(
+    proxy: FaultProxy,
+    bucket: str,
+    s3: Any,
+    multipart_features: list[dict[str, Any]],
+    spoil: Callable[[dict[str, Any]], Any],
+    says: str,
+) -> None:
+    async def features() -> AsyncIterator[Any]:
+        for feature in multipart_features:
+            yield feature
+        # Hold the bad feature back until a part has reached S3.
+        with anyio.fail_after(60):
+            while proxy.count("UploadPart") == 0:  # noqa: ASYNC110 - the proxy counts in its own thread
+                await anyio.sleep(0.01)
+        yield spoil(multipart_features[0])
+
+    settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB)
+    with pytest.raises(FeatureEncodingError, match=f"feature {MULTIPART_COUNT} .*{says}") as raised:
+        await sink(proxy, bucket, settings=settings).write("spoiled", features())
+    assert raised.value.index == MULTIPART_COUNT
+    # moto may answer 500 to an abort that races a part still arriving, which botocore retries: one abort or two.
+    assert proxy.count("UploadPart") >= 1 and proxy.count("AbortMultipartUpload") >= 1
+    assert proxy.count("CompleteMultipartUpload") == 0
+    assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
 
 

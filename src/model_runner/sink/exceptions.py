@@ -26,12 +26,15 @@ class ChecksumMismatchError(SinkError):
 
 
 class FeatureEncodingError(TypeError):
-    """A feature cannot be serialised to JSON; nothing of its collection is stored."""
+    """
+    A feature cannot be written as valid GeoJSON: not a Feature, a value JSON cannot represent, a non-finite
+    coordinate, colliding keys; nothing of its collection is stored.
+    """
 
     def __init__(self, index: int, reason: str) -> None:
         """
         :param index: The position of the feature in the collection, from 0.
-        :param reason: What about it cannot be serialised.
+        :param reason: What about it cannot be written, and what to do.
         """
         super().__init__(f"feature {index} cannot be encoded as GeoJSON: {reason}")
         self.index = index
