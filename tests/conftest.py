@@ -25,9 +25,28 @@ _FOREIGN_VARIABLES = (
 )
 
 
+_EVENT_LOOPS = ("asyncio", "uvloop")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--event-loop",
+        choices=_EVENT_LOOPS,
+        default="asyncio",
+        help="the event loop of the async tests: asyncio's own (default) or uvloop, as under uvicorn",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"event loop of the async tests: {config.getoption('event_loop')}"
+
+
 @pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    """Async tests run on asyncio, the loop the library targets."""
+def anyio_backend(request: pytest.FixtureRequest) -> str | tuple[str, dict[str, Any]]:
+    """Async tests run on asyncio, the loop the library targets; ``--event-loop=uvloop`` puts uvloop under it."""
+    if request.config.getoption("event_loop") == "uvloop":
+        # anyio imports uvloop itself: a missing uvloop is an ImportError, never a silent fallback to asyncio's loop.
+        return ("asyncio", {"use_uvloop": True})
     return "asyncio"
 
 
