@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import logging
 import sys
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -26,6 +28,7 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
+    "BudgetHold",
     "ByteBudget",
     "MultipartUpload",
     "PartPlan",
@@ -62,29 +65,45 @@ def part_size_for(part_number: int, base_part_size: int) -> int:
 
 class ByteBudget:
     """
-    Bytes of request bodies that may be held at once by the uploads sharing it, e.g. every write of a sink.
+    Bytes of request bodies that the uploads sharing it may hold at once, e.g. every write of a sink.
 
-    A body larger than the whole budget still goes, alone, so no upload waits forever.
+    Waiters are served in the order they came, so a large body is never overtaken forever by smaller ones; a
+    body larger than the whole budget goes alone. A body takes its bytes as they arrive (:meth:`hold`) and gives
+    nothing back before it is sent: when every byte held belongs to bodies waiting for more, none of them could
+    ever finish, so the oldest goes on over the limit, alone, until the budget is back within it. The bytes held
+    thus never exceed ``limit`` plus the largest body one holder builds (for a write, the larger of
+    ``multipart_threshold`` and the part size, plus one encoded batch); :attr:`peak` records the most held.
 
     :param limit: The budget in bytes.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        #: Bytes held now.
         self.used = 0
-        self._waiters: list[anyio.Event] = []
+        #: The most bytes held at once so far.
+        self.peak = 0
+        self._queue: deque[_Waiter] = deque()
+        self._held_by_waiters = 0
+        # The body that may go over the limit; only one at a time, which is what bounds the excess.
+        self._over: BudgetHold | None = None
+        self._ages = itertools.count()
+
+    def hold(self) -> BudgetHold:
+        """
+        Start a body that takes its bytes as they arrive.
+
+        :return: An empty hold on this budget.
+        """
+        return BudgetHold(self)
 
     async def acquire(self, size: int) -> None:
         """
-        Wait until ``size`` bytes fit in the budget, and take them.
+        Wait for the turn of a body of ``size`` bytes, and take them; give them back with :meth:`release`.
 
         :param size: Bytes of the body about to be built.
         """
-        while self.used and self.used + size > self.limit:
-            freed = anyio.Event()
-            self._waiters.append(freed)
-            await freed.wait()
-        self.used += size
+        await BudgetHold(self).grow(size)
 
     def release(self, size: int) -> None:
         """
@@ -92,10 +111,120 @@ class ByteBudget:
 
         :param size: Bytes taken by :meth:`acquire`.
         """
+        self._give_back(size)
+
+    async def _grow(self, hold: BudgetHold, size: int) -> None:
+        if not self._queue and self._fits(size):
+            self._take(hold, size)
+            return
+        waiter = _Waiter(hold, size)
+        self._queue.append(waiter)
+        self._held_by_waiters += hold.size
+        self._serve()
+        try:
+            await waiter.served.wait()
+        except BaseException:
+            # Served as the cancellation came, the bytes stay in the hold, which its owner releases.
+            if not waiter.served.is_set():
+                self._queue.remove(waiter)
+                self._held_by_waiters -= hold.size
+                self._serve()
+            raise
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+    def _serve(self) -> None:
+        while self._queue:
+            waiter: _Waiter | None = self._queue[0]
+            assert waiter is not None
+            if not self._fits(waiter.size):
+                waiter = self._stuck_waiter()
+                if waiter is None:
+                    return
+            self._queue.remove(waiter)
+            self._held_by_waiters -= waiter.hold.size
+            self._take(waiter.hold, waiter.size)
+            waiter.served.set()
+
+    def _stuck_waiter(self) -> _Waiter | None:
+        if self.used != self._held_by_waiters:
+            return None  # some bytes are being sent: they come back without anyone's help
+        waiters = [waiter for waiter in self._queue if waiter.hold.size]
+        chosen = None
+        if self.used > self.limit:
+            chosen = next((waiter for waiter in waiters if waiter.hold is self._over), None)
+        if chosen is None:
+            chosen = min(waiters, key=lambda waiter: waiter.hold.age)
+            self._over = chosen.hold
+        return chosen
+
+    def _take(self, hold: BudgetHold, size: int) -> None:
+        if not hold.size:
+            hold.age = next(self._ages)
+        hold.size += size
+        self.used += size
+        self.peak = max(self.peak, self.used)
+
+    def _give_back(self, size: int) -> None:
         self.used -= size
-        waiters, self._waiters = self._waiters, []
-        for freed in waiters:
-            freed.set()
+        if self.used <= self.limit:
+            self._over = None
+        self._serve()
+
+
+class BudgetHold:
+    """
+    The bytes one body holds in a :class:`ByteBudget`: taken as the body is built, given back when it is sent.
+
+    :param budget: The budget the bytes come from.
+    """
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self.budget = budget
+        #: Bytes held.
+        self.size = 0
+        #: When the body got its first bytes, on the budget's own count: the oldest goes on when all are stuck.
+        self.age = 0
+
+    async def grow(self, size: int) -> None:
+        """
+        Wait for this body's turn, then take ``size`` bytes more.
+
+        :param size: Bytes just added to the body.
+        """
+        await self.budget._grow(self, size)
+
+    def split(self, size: int) -> BudgetHold:
+        """
+        Hand the first ``size`` bytes to a body of their own, e.g. a complete part about to be sent; what remains
+        starts a new body.
+
+        :param size: Bytes to hand over, at most :attr:`size`.
+        :return: A hold of ``size`` bytes.
+        """
+        if not 0 <= size <= self.size:
+            raise ValueError(f"cannot split {size} bytes from a hold of {self.size}")
+        part = BudgetHold(self.budget)
+        part.size, part.age = size, self.age
+        self.size -= size
+        self.age = next(self.budget._ages)
+        return part
+
+    def release(self) -> None:
+        """Give every byte back: the body was sent or dropped. Idempotent."""
+        size, self.size = self.size, 0
+        if size:
+            self.budget._give_back(size)
+
+
+class _Waiter:
+    __slots__ = ("hold", "served", "size")
+
+    def __init__(self, hold: BudgetHold, size: int) -> None:
+        self.hold = hold
+        self.size = size
+        self.served = anyio.Event()
 
 
 @dataclass
@@ -259,6 +388,11 @@ async def upload_object(
     A cancellation that comes while S3 stores the object (``PutObject``, ``CompleteMultipartUpload``) waits for
     S3's answer, at most :data:`ANSWER_TIMEOUT_SECONDS`, and the log tells whether the object was stored.
 
+    Each chunk takes its bytes from ``budget`` when it arrives, before the next is pulled, and gives them back once
+    sent. The writes sharing a budget thus hold at most its limit plus one body, the larger of
+    ``multipart_threshold`` and the part size, plus one encoded batch (see :class:`ByteBudget`); each write
+    waiting for room also holds the one batch it waits with.
+
     :param client: An aiobotocore S3 client.
     :param bucket: The bucket.
     :param key: The object key.
@@ -275,26 +409,25 @@ async def upload_object(
     object_arguments: dict[str, Any] = settings.object_arguments()
     if metadata:
         object_arguments["Metadata"] = metadata
-    budget = budget or ByteBudget(settings.max_bytes_in_flight)
-    pending: list[memoryview] = []
-    pending_size = 0
-    iterator = aiter(chunks)
-    async for chunk in iterator:
-        pending.append(chunk)
-        pending_size += len(chunk)
-        if pending_size >= settings.multipart_threshold:
-            upload = MultipartUpload(
-                client, bucket, key, settings, object_arguments=object_arguments, events=events, limiter=limiter
-            )
-            async with upload:
-                await _send_parts(upload, pending, iterator, budget, settings)
-                await upload.complete()
-            return upload.outcome
-    await budget.acquire(pending_size)
+    body = (budget or ByteBudget(settings.max_bytes_in_flight)).hold()
     try:
+        pending: list[memoryview] = []
+        iterator = aiter(chunks)
+        async for chunk in iterator:
+            # Waiting here, before pulling the next chunk, is what bounds memory: the encoder waits too.
+            await body.grow(len(chunk))
+            pending.append(chunk)
+            if body.size >= settings.multipart_threshold:
+                upload = MultipartUpload(
+                    client, bucket, key, settings, object_arguments=object_arguments, events=events, limiter=limiter
+                )
+                async with upload:
+                    await _send_parts(upload, pending, iterator, body, settings)
+                    await upload.complete()
+                return upload.outcome
         return await _put_object(client, bucket, key, pending, object_arguments, events, limiter)
     finally:
-        budget.release(pending_size)
+        body.release()
 
 
 async def _put_object(
@@ -346,30 +479,24 @@ async def _send_parts(
     upload: MultipartUpload,
     first_chunks: list[memoryview],
     chunks: AsyncIterator[memoryview],
-    budget: ByteBudget,
+    body: BudgetHold,
     settings: SinkSettings,
 ) -> None:
     plan = PartPlan(settings.part_size)
     slots = anyio.Semaphore(settings.max_parts_in_flight)
 
-    async def send(number: int, pieces: list[memoryview], reserved: int) -> None:
+    async def send(number: int, pieces: list[memoryview], part: BudgetHold) -> None:
         try:
             await upload.send_part(number, pieces)
         finally:
-            budget.release(reserved)
+            part.release()
             slots.release()
 
     async def start(part: tuple[int, list[memoryview]], task_group: TaskGroup) -> None:
-        # Waiting for a slot and for budget before taking more chunks is what bounds memory: the encoder waits too.
+        # Waiting for a slot before taking more chunks bounds the parts in flight: the encoder waits too.
         number, pieces = part
-        size = sum(len(piece) for piece in pieces)
         await slots.acquire()
-        try:
-            await budget.acquire(size)
-        except BaseException:
-            slots.release()
-            raise
-        task_group.start_soon(send, number, pieces, size)
+        task_group.start_soon(send, number, pieces, body.split(sum(len(piece) for piece in pieces)))
 
     try:
         async with anyio.create_task_group() as task_group:
@@ -378,6 +505,7 @@ async def _send_parts(
                     await start(part, task_group)
             first_chunks.clear()
             async for chunk in chunks:
+                await body.grow(len(chunk))
                 for part in plan.add(chunk):
                     await start(part, task_group)
             last = plan.finish()
