@@ -145,10 +145,19 @@ async def test_a_write_cancelled_while_s3_creates_the_upload_still_aborts_it(
     proxy: FaultProxy, bucket: str, s3: Any, multipart_features: list[dict[str, Any]]
 ) -> None:
     # S3 creates the upload after the cancellation: only a write that waits for the upload id can abort it.
-    proxy.add_rule(Rule({"CreateMultipartUpload"}, "delay", delay=1.0))
+    proxy.add_rule(Rule({"CreateMultipartUpload"}, "delay", delay=1.5))
+
+    async def expire_once_s3_creates(scope: anyio.CancelScope) -> None:
+        # Not a fixed deadline: reaching the Create takes longer than any chosen one on a slow machine or Python.
+        while proxy.peak_in_flight.get("CreateMultipartUpload", 0) < 1:  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+        scope.deadline = anyio.current_time()
+
     with pytest.raises(TimeoutError):
-        with anyio.fail_after(0.3):
-            await sink_through(proxy, bucket).write("cancelled-early", multipart_features)
+        with anyio.fail_after(60) as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(expire_once_s3_creates, scope)
+                await sink_through(proxy, bucket).write("cancelled-early", multipart_features)
     assert proxy.count("CreateMultipartUpload") == 1
     assert proxy.count("AbortMultipartUpload") == 1
     assert_nothing_left(s3, bucket)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import itertools
 import logging
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterable
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.to_thread
@@ -23,7 +27,16 @@ from model_runner.sink.settings import MAX_PART_SIZE, SinkSettings
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["ByteBudget", "PartPlan", "UploadEvents", "UploadOutcome", "part_size_for", "upload_object"]
+__all__ = [
+    "BudgetHold",
+    "ByteBudget",
+    "MultipartUpload",
+    "PartPlan",
+    "UploadEvents",
+    "UploadOutcome",
+    "part_size_for",
+    "upload_object",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +48,8 @@ PARTS_PER_SIZE_STEP = 900
 INLINE_SEAL_BYTES = 256 * 1024
 # An abort must finish even when the write was cancelled, but must not hang a shutdown either.
 ABORT_TIMEOUT_SECONDS = 60.0
+# How long a cancelled write waits for S3's answer to a request that decides what is stored or left behind.
+ANSWER_TIMEOUT_SECONDS = 60.0
 
 
 def part_size_for(part_number: int, base_part_size: int) -> int:
@@ -50,29 +65,45 @@ def part_size_for(part_number: int, base_part_size: int) -> int:
 
 class ByteBudget:
     """
-    Bytes of request bodies that may be held at once by the uploads sharing it, e.g. every write of a sink.
+    Bytes of request bodies that the uploads sharing it may hold at once, e.g. every write of a sink.
 
-    A body larger than the whole budget still goes, alone, so no upload waits forever.
+    Waiters are served in the order they came, so a large body is never overtaken forever by smaller ones; a
+    body larger than the whole budget goes alone. A body takes its bytes as they arrive (:meth:`hold`) and gives
+    nothing back before it is sent: when every byte held belongs to bodies waiting for more, none of them could
+    ever finish, so the oldest goes on over the limit, alone, until the budget is back within it. The bytes held
+    thus never exceed ``limit`` plus the largest body one holder builds (for a write, the larger of
+    ``multipart_threshold`` and the part size, plus one encoded batch); :attr:`peak` records the most held.
 
     :param limit: The budget in bytes.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        #: Bytes held now.
         self.used = 0
-        self._waiters: list[anyio.Event] = []
+        #: The most bytes held at once so far.
+        self.peak = 0
+        self._queue: deque[_Waiter] = deque()
+        self._held_by_waiters = 0
+        # The body that may go over the limit; only one at a time, which is what bounds the excess.
+        self._over: BudgetHold | None = None
+        self._ages = itertools.count()
+
+    def hold(self) -> BudgetHold:
+        """
+        Start a body that takes its bytes as they arrive.
+
+        :return: An empty hold on this budget.
+        """
+        return BudgetHold(self)
 
     async def acquire(self, size: int) -> None:
         """
-        Wait until ``size`` bytes fit in the budget, and take them.
+        Wait for the turn of a body of ``size`` bytes, and take them; give them back with :meth:`release`.
 
         :param size: Bytes of the body about to be built.
         """
-        while self.used and self.used + size > self.limit:
-            freed = anyio.Event()
-            self._waiters.append(freed)
-            await freed.wait()
-        self.used += size
+        await BudgetHold(self).grow(size)
 
     def release(self, size: int) -> None:
         """
@@ -80,10 +111,120 @@ class ByteBudget:
 
         :param size: Bytes taken by :meth:`acquire`.
         """
+        self._give_back(size)
+
+    async def _grow(self, hold: BudgetHold, size: int) -> None:
+        if not self._queue and self._fits(size):
+            self._take(hold, size)
+            return
+        waiter = _Waiter(hold, size)
+        self._queue.append(waiter)
+        self._held_by_waiters += hold.size
+        self._serve()
+        try:
+            await waiter.served.wait()
+        except BaseException:
+            # Served as the cancellation came, the bytes stay in the hold, which its owner releases.
+            if not waiter.served.is_set():
+                self._queue.remove(waiter)
+                self._held_by_waiters -= hold.size
+                self._serve()
+            raise
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+    def _serve(self) -> None:
+        while self._queue:
+            waiter: _Waiter | None = self._queue[0]
+            assert waiter is not None
+            if not self._fits(waiter.size):
+                waiter = self._stuck_waiter()
+                if waiter is None:
+                    return
+            self._queue.remove(waiter)
+            self._held_by_waiters -= waiter.hold.size
+            self._take(waiter.hold, waiter.size)
+            waiter.served.set()
+
+    def _stuck_waiter(self) -> _Waiter | None:
+        if self.used != self._held_by_waiters:
+            return None  # some bytes are being sent: they come back without anyone's help
+        waiters = [waiter for waiter in self._queue if waiter.hold.size]
+        chosen = None
+        if self.used > self.limit:
+            chosen = next((waiter for waiter in waiters if waiter.hold is self._over), None)
+        if chosen is None:
+            chosen = min(waiters, key=lambda waiter: waiter.hold.age)
+            self._over = chosen.hold
+        return chosen
+
+    def _take(self, hold: BudgetHold, size: int) -> None:
+        if not hold.size:
+            hold.age = next(self._ages)
+        hold.size += size
+        self.used += size
+        self.peak = max(self.peak, self.used)
+
+    def _give_back(self, size: int) -> None:
         self.used -= size
-        waiters, self._waiters = self._waiters, []
-        for freed in waiters:
-            freed.set()
+        if self.used <= self.limit:
+            self._over = None
+        self._serve()
+
+
+class BudgetHold:
+    """
+    The bytes one body holds in a :class:`ByteBudget`: taken as the body is built, given back when it is sent.
+
+    :param budget: The budget the bytes come from.
+    """
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self.budget = budget
+        #: Bytes held.
+        self.size = 0
+        #: When the body got its first bytes, on the budget's own count: the oldest goes on when all are stuck.
+        self.age = 0
+
+    async def grow(self, size: int) -> None:
+        """
+        Wait for this body's turn, then take ``size`` bytes more.
+
+        :param size: Bytes just added to the body.
+        """
+        await self.budget._grow(self, size)
+
+    def split(self, size: int) -> BudgetHold:
+        """
+        Hand the first ``size`` bytes to a body of their own, e.g. a complete part about to be sent; what remains
+        starts a new body.
+
+        :param size: Bytes to hand over, at most :attr:`size`.
+        :return: A hold of ``size`` bytes.
+        """
+        if not 0 <= size <= self.size:
+            raise ValueError(f"cannot split {size} bytes from a hold of {self.size}")
+        part = BudgetHold(self.budget)
+        part.size, part.age = size, self.age
+        self.size -= size
+        self.age = next(self.budget._ages)
+        return part
+
+    def release(self) -> None:
+        """Give every byte back: the body was sent or dropped. Idempotent."""
+        size, self.size = self.size, 0
+        if size:
+            self.budget._give_back(size)
+
+
+class _Waiter:
+    __slots__ = ("hold", "served", "size")
+
+    def __init__(self, hold: BudgetHold, size: int) -> None:
+        self.hold = hold
+        self.size = size
+        self.served = anyio.Event()
 
 
 @dataclass
@@ -241,9 +382,16 @@ async def upload_object(
     """
     Store the concatenated chunks as one object, atomically: the object appears whole or not at all.
 
-    Below ``settings.multipart_threshold`` bytes it is one ``PutObject``. Past it, a multipart upload: parts are
-    cut as chunks arrive, at most ``settings.max_parts_in_flight`` upload at once while the next is produced, and
-    any failure or cancellation aborts the upload, so no parts are left behind, before it propagates.
+    Below ``settings.multipart_threshold`` bytes it is one ``PutObject``. Past it, a :class:`MultipartUpload`:
+    parts are cut as chunks arrive, at most ``settings.max_parts_in_flight`` upload at once while the next is
+    produced, and any failure or cancellation, anyio's or asyncio's own, aborts the upload before it propagates.
+    A cancellation that comes while S3 stores the object (``PutObject``, ``CompleteMultipartUpload``) waits for
+    S3's answer, at most :data:`ANSWER_TIMEOUT_SECONDS`, and the log tells whether the object was stored.
+
+    Each chunk takes its bytes from ``budget`` when it arrives, before the next is pulled, and gives them back once
+    sent. The writes sharing a budget thus hold at most its limit plus one body, the larger of
+    ``multipart_threshold`` and the part size, plus one encoded batch (see :class:`ByteBudget`); each write
+    waiting for room also holds the one batch it waits with.
 
     :param client: An aiobotocore S3 client.
     :param bucket: The bucket.
@@ -261,29 +409,51 @@ async def upload_object(
     object_arguments: dict[str, Any] = settings.object_arguments()
     if metadata:
         object_arguments["Metadata"] = metadata
-    budget = budget or ByteBudget(settings.max_bytes_in_flight)
-    pending: list[memoryview] = []
-    pending_size = 0
-    iterator = aiter(chunks)
-    async for chunk in iterator:
-        pending.append(chunk)
-        pending_size += len(chunk)
-        if pending_size >= settings.multipart_threshold:
-            return await _upload_parts(
-                client, bucket, key, pending, iterator, settings, object_arguments, events, budget, limiter
-            )
-    await budget.acquire(pending_size)
+    body = (budget or ByteBudget(settings.max_bytes_in_flight)).hold()
     try:
-        if pending_size <= INLINE_SEAL_BYTES:
-            body, size, checksum = _seal(pending)
-        else:
-            body, size, checksum = await anyio.to_thread.run_sync(_seal, pending, limiter=limiter)
-        started = time.perf_counter()
-        response = await client.put_object(
+        pending: list[memoryview] = []
+        iterator = aiter(chunks)
+        async for chunk in iterator:
+            # Waiting here, before pulling the next chunk, is what bounds memory: the encoder waits too.
+            await body.grow(len(chunk))
+            pending.append(chunk)
+            if body.size >= settings.multipart_threshold:
+                upload = MultipartUpload(
+                    client, bucket, key, settings, object_arguments=object_arguments, events=events, limiter=limiter
+                )
+                async with upload:
+                    await _send_parts(upload, pending, iterator, body, settings)
+                    await upload.complete()
+                return upload.outcome
+        return await _put_object(client, bucket, key, pending, object_arguments, events, limiter)
+    finally:
+        body.release()
+
+
+async def _put_object(
+    client: Any,
+    bucket: str,
+    key: str,
+    pieces: list[memoryview],
+    object_arguments: dict[str, Any],
+    events: UploadEvents | None,
+    limiter: anyio.CapacityLimiter | None,
+) -> UploadOutcome:
+    if sum(len(piece) for piece in pieces) <= INLINE_SEAL_BYTES:
+        body, size, checksum = _seal(pieces)
+    else:
+        body, size, checksum = await anyio.to_thread.run_sync(_seal, pieces, limiter=limiter)
+    started = time.perf_counter()
+    request = asyncio.create_task(
+        client.put_object(
             Bucket=bucket, Key=key, Body=body, ContentLength=size, ChecksumCRC32=checksum, **object_arguments
         )
-    finally:
-        budget.release(pending_size)
+    )
+    try:
+        response = await asyncio.shield(request)
+    except asyncio.CancelledError:
+        await _run_to_the_end(_settle_cancelled_put(request, bucket, key))
+        raise
     _verify(response, checksum, key)
     _tell_retries(events, "PutObject", response)
     return UploadOutcome(
@@ -297,115 +467,323 @@ async def upload_object(
     )
 
 
-async def _upload_parts(
-    client: Any,
-    bucket: str,
-    key: str,
+async def _settle_cancelled_put(request: asyncio.Task[Any], bucket: str, key: str) -> None:
+    try:
+        stored: bool | None = await _answer(request) is not None
+    except TimeoutError:
+        stored = None
+    _tell_cancelled(bucket, key, "PutObject", stored)
+
+
+async def _send_parts(
+    upload: MultipartUpload,
     first_chunks: list[memoryview],
-    chunks: AsyncIterable[memoryview],
+    chunks: AsyncIterator[memoryview],
+    body: BudgetHold,
     settings: SinkSettings,
-    object_arguments: dict[str, Any],
-    events: UploadEvents | None,
-    budget: ByteBudget,
-    limiter: anyio.CapacityLimiter | None,
-) -> UploadOutcome:
-    started = time.perf_counter()
-    # Cancelled while S3 creates the upload, the write would never learn the upload id to abort it: the request
-    # is shielded (botocore's timeouts and retries bound it), and a cancellation lands in the aborting block below.
-    with anyio.CancelScope(shield=True):
-        created = await client.create_multipart_upload(
-            Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32", **object_arguments
-        )
-    upload_id = created["UploadId"]
-    bucket_arguments = settings.bucket_arguments()
-    outcome = UploadOutcome(retries=_retries(created))
-    _tell_retries(events, "CreateMultipartUpload", created)
-    stored: dict[int, dict[str, Any]] = {}
+) -> None:
+    plan = PartPlan(settings.part_size)
     slots = anyio.Semaphore(settings.max_parts_in_flight)
 
-    async def upload_part(number: int, pieces: list[memoryview], reserved: int) -> None:
+    async def send(number: int, pieces: list[memoryview], part: BudgetHold) -> None:
         try:
-            body, size, checksum = await anyio.to_thread.run_sync(_seal, pieces, limiter=limiter)
-            pieces.clear()
-            response = await client.upload_part(
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-                ContentLength=size,
-                ChecksumCRC32=checksum,
-                **bucket_arguments,
-            )
-            stored[number] = {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
-            outcome.bytes += size
-            outcome.retries += _retries(response)
-            _tell_retries(events, "UploadPart", response)
-            if events is not None:
-                events.part_stored(number, size)
+            await upload.send_part(number, pieces)
         finally:
-            budget.release(reserved)
+            part.release()
             slots.release()
 
     async def start(part: tuple[int, list[memoryview]], task_group: TaskGroup) -> None:
-        # Waiting for a slot and for budget before taking more chunks is what bounds memory: the encoder waits too.
+        # Waiting for a slot before taking more chunks bounds the parts in flight: the encoder waits too.
         number, pieces = part
-        size = sum(len(piece) for piece in pieces)
         await slots.acquire()
-        try:
-            await budget.acquire(size)
-        except BaseException:
-            slots.release()
-            raise
-        task_group.start_soon(upload_part, number, pieces, size)
+        task_group.start_soon(send, number, pieces, body.split(sum(len(piece) for piece in pieces)))
 
     try:
-        try:
-            plan = PartPlan(settings.part_size)
-            async with anyio.create_task_group() as task_group:
-                for chunk in first_chunks:
-                    for part in plan.add(chunk):
-                        await start(part, task_group)
-                first_chunks.clear()
-                async for chunk in chunks:
-                    for part in plan.add(chunk):
-                        await start(part, task_group)
-                last = plan.finish()
-                if last is not None:
-                    await start(last, task_group)
-        except BaseExceptionGroup as group:
-            raise _single_error(group) from None
-        parts = [stored[number] for number in sorted(stored)]
-        completed = await client.complete_multipart_upload(
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": parts},
-            **bucket_arguments,
+        async with anyio.create_task_group() as task_group:
+            for chunk in first_chunks:
+                for part in plan.add(chunk):
+                    await start(part, task_group)
+            first_chunks.clear()
+            async for chunk in chunks:
+                await body.grow(len(chunk))
+                for part in plan.add(chunk):
+                    await start(part, task_group)
+            last = plan.finish()
+            if last is not None:
+                await start(last, task_group)
+    except BaseExceptionGroup as group:
+        raise _single_error(group) from None
+
+
+class MultipartUpload:
+    """
+    One multipart upload: created, sent part by part, then completed, or aborted so that S3 drops its parts.
+
+    ``async with upload:`` creates it; from the moment S3 gives the upload id, any exception or cancellation
+    leaving the block aborts the upload before it propagates, be it anyio's (a cancel scope, ``fail_after``) or
+    asyncio's own (``task.cancel()``, ``asyncio.timeout``, ``asyncio.wait_for``, ``asyncio.TaskGroup``). The
+    requests whose answer decides what is left behind (create, complete, abort) run in tasks of their own, which
+    no cancellation reaches: a cancelled write waits for their answer, at most :data:`ANSWER_TIMEOUT_SECONDS`,
+    and for the abort, at most :data:`ABORT_TIMEOUT_SECONDS`, through any further cancellation.
+
+    :param client: An aiobotocore S3 client.
+    :param bucket: The bucket.
+    :param key: The object key.
+    :param settings: The options every request on the bucket carries.
+    :param object_arguments: The object's options (content type, ACL, metadata...), for the create.
+    :param events: Told of each stored part and each retried request.
+    :param limiter: Worker threads that seal parts, shared with others; anyio's default by default.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        settings: SinkSettings,
+        *,
+        object_arguments: dict[str, Any],
+        events: UploadEvents | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.key = key
+        #: The id S3 gave the upload, once created.
+        self.upload_id: str | None = None
+        #: What S3 answered so far.
+        self.outcome = UploadOutcome()
+        self._client = client
+        self._bucket_arguments = settings.bucket_arguments()
+        self._object_arguments = object_arguments
+        self._events = events
+        self._limiter = limiter
+        self._parts: dict[int, dict[str, Any]] = {}
+        # Completed, or aborted: nothing more to clean up.
+        self._settled = False
+        self._started = time.perf_counter()
+
+    async def __aenter__(self) -> MultipartUpload:
+        await self.create()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc is not None and not self._settled:
+            await self.abort()
+
+    async def create(self) -> None:
+        """
+        Create the upload. Cancelled while S3 creates it, it waits for the upload id and aborts the upload before
+        the cancellation propagates.
+
+        :raises botocore.exceptions.ClientError: If S3 refuses it after retries.
+        """
+        self._started = time.perf_counter()
+        request = asyncio.create_task(
+            self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="CRC32", **self._object_arguments
+            )
         )
-    except BaseException:
-        await _abort(client, bucket, key, upload_id, bucket_arguments)
-        raise
-    outcome.checksum = composite_crc32([part["ChecksumCRC32"] for part in parts])
-    _verify(completed, outcome.checksum, key)
-    _tell_retries(events, "CompleteMultipartUpload", completed)
-    outcome.seconds = time.perf_counter() - started
-    outcome.parts = len(parts)
-    outcome.retries += _retries(completed)
-    outcome.etag = completed.get("ETag", "")
-    outcome.version_id = completed.get("VersionId")
-    return outcome
-
-
-async def _abort(client: Any, bucket: str, key: str, upload_id: str, bucket_arguments: dict[str, str]) -> None:
-    with anyio.CancelScope(shield=True), anyio.move_on_after(ABORT_TIMEOUT_SECONDS):
         try:
-            await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, **bucket_arguments)
+            created = await asyncio.shield(request)
+        except asyncio.CancelledError:
+            await _run_to_the_end(self._abort_once_created(request))
+            raise
+        self.upload_id = created["UploadId"]
+        self.outcome.retries += _retries(created)
+        _tell_retries(self._events, "CreateMultipartUpload", created)
+
+    async def send_part(self, number: int, pieces: list[memoryview]) -> None:
+        """
+        Seal one part in a worker thread and send it.
+
+        :param number: The part number, from 1.
+        :param pieces: The part's bytes; emptied once copied into the request body.
+        :raises botocore.exceptions.ClientError: If S3 refuses it after retries.
+        """
+        body, size, checksum = await anyio.to_thread.run_sync(_seal, pieces, limiter=self._limiter)
+        pieces.clear()
+        response = await self._client.upload_part(
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            Body=body,
+            ContentLength=size,
+            ChecksumCRC32=checksum,
+            **self._bucket_arguments,
+        )
+        self._parts[number] = {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
+        self.outcome.bytes += size
+        self.outcome.retries += _retries(response)
+        _tell_retries(self._events, "UploadPart", response)
+        if self._events is not None:
+            self._events.part_stored(number, size)
+
+    async def complete(self) -> None:
+        """
+        Join the parts sent into the object. Cancelled while S3 completes it, it waits for S3's answer, aborts the
+        upload unless it was completed, and logs whether the object is stored, before the cancellation propagates.
+
+        :raises botocore.exceptions.ClientError: If S3 refuses it after retries.
+        :raises ChecksumMismatchError: If S3 stored other bytes than those sent.
+        """
+        parts = [self._parts[number] for number in sorted(self._parts)]
+        request = asyncio.create_task(
+            self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts},
+                **self._bucket_arguments,
+            )
+        )
+        try:
+            completed = await asyncio.shield(request)
+        except asyncio.CancelledError:
+            self._settled = True
+            await _run_to_the_end(self._settle_cancelled_completion(request))
+            raise
+        self._settled = True
+        self.outcome.checksum = composite_crc32([part["ChecksumCRC32"] for part in parts])
+        _verify(completed, self.outcome.checksum, self.key)
+        _tell_retries(self._events, "CompleteMultipartUpload", completed)
+        self.outcome.seconds = time.perf_counter() - self._started
+        self.outcome.parts = len(parts)
+        self.outcome.retries += _retries(completed)
+        self.outcome.etag = completed.get("ETag", "")
+        self.outcome.version_id = completed.get("VersionId")
+
+    async def abort(self) -> None:
+        """
+        Abort the upload, so that S3 drops its parts. The abort runs to its end, at most
+        :data:`ABORT_TIMEOUT_SECONDS`, whatever cancels the caller meanwhile; if it fails, the bucket, key and upload
+        id are logged at error level, for an operator to abort it later.
+
+        :raises asyncio.CancelledError: Once the abort is done, if the caller was cancelled meanwhile.
+        """
+        self._settled = True
+        await _run_to_the_end(self._abort_request())
+
+    async def _abort_once_created(self, request: asyncio.Task[Any]) -> None:
+        try:
+            created = await _answer(request)
+        except TimeoutError:
+            logger.warning(
+                "no answer to the creation of a multipart upload of s3://%s/%s within %.0f s of its write's "
+                "cancellation: if S3 created it, only a lifecycle rule will remove it",
+                self.bucket,
+                self.key,
+                ANSWER_TIMEOUT_SECONDS,
+            )
+            return
+        if created is not None:
+            self.upload_id = created["UploadId"]
+            await self._abort_request()
+
+    async def _settle_cancelled_completion(self, request: asyncio.Task[Any]) -> None:
+        try:
+            completed = await _answer(request)
+        except TimeoutError:
+            completed = None
+        stored: bool | None = True
+        if completed is None:
+            # Aborting settles it either way: S3 no longer having the upload means it completed it.
+            stored = {"aborted": False, "gone": True}.get(await self._abort_request())
+        _tell_cancelled(self.bucket, self.key, "CompleteMultipartUpload", stored)
+
+    async def _abort_request(self) -> Literal["aborted", "gone", "failed"]:
+        try:
+            await asyncio.wait_for(
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, **self._bucket_arguments
+                ),
+                ABORT_TIMEOUT_SECONDS,
+            )
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") != "NoSuchUpload":
-                logger.exception("could not abort multipart upload of s3://%s/%s", bucket, key)
-            else:
-                # A cancellation that came as S3 completed the upload: the object is stored whole.
-                logger.debug("multipart upload of s3://%s/%s was already completed", bucket, key)
-        except Exception:
-            logger.exception("could not abort multipart upload of s3://%s/%s", bucket, key)
+            if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                logger.debug("multipart upload of s3://%s/%s was already completed", self.bucket, self.key)
+                return "gone"
+            self._log_left_behind(error)
+            return "failed"
+        except Exception as error:
+            self._log_left_behind(error)
+            return "failed"
+        except BaseException as error:
+            self._log_left_behind(error)
+            raise
+        return "aborted"
+
+    def _log_left_behind(self, error: BaseException) -> None:
+        logger.error(
+            "could not abort multipart upload %s of s3://%s/%s (%s): its parts stay until it is aborted, e.g. with "
+            "`aws s3api abort-multipart-upload --bucket %s --key %s --upload-id %s`, or a lifecycle rule removes it",
+            self.upload_id,
+            self.bucket,
+            self.key,
+            f"{type(error).__name__}: {error}" if str(error) else type(error).__name__,
+            self.bucket,
+            self.key,
+            self.upload_id,
+            extra={"bucket": self.bucket, "key": self.key, "upload_id": self.upload_id},
+        )
+
+
+async def _run_to_the_end(work: Coroutine[Any, Any, object]) -> None:
+    # In a task of its own, which no cancellation of the caller reaches; the work bounds its own duration.
+    task = asyncio.create_task(work)
+    cancellation: asyncio.CancelledError | None = None
+    # anyio's cancellation comes again at every turn of the loop, and asyncio's once per cancel(): the shield
+    # holds the former off, the latter is caught, and the first one raised once the work is done.
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError as error:
+                cancellation = cancellation or error
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("cleaning up after an upload failed", exc_info=task.exception())
+    if cancellation is not None:
+        if sys.version_info < (3, 11):
+            _untag_anyio_cancellations(sys.exc_info()[1])
+        raise cancellation
+
+
+_ANYIO_TAG = "Cancelled via cancel scope "
+
+
+def _untag_anyio_cancellations(handled: BaseException | None) -> None:
+    # Python 3.10 keeps no count of cancellations, so anyio tells its own by their message, which it also looks for
+    # in the __context__ chain. A native cancellation that came during the cleanup after anyio's gets anyio's as
+    # its context as it leaves the frame that handles it, and anyio's scope would then swallow it: the messages of
+    # the cancellations being handled are changed instead, so that it propagates, as it does on 3.11+.
+    while isinstance(handled, asyncio.CancelledError):
+        if handled.args and str(handled.args[0]).startswith(_ANYIO_TAG):
+            handled.args = (f"cancelled by the task too, after: {handled.args[0]}",)
+        handled = handled.__context__
+
+
+async def _answer(request: asyncio.Task[Any]) -> dict[str, Any] | None:
+    # S3's answer to a request of the write, waited for after the write was cancelled: None if it failed.
+    done, _ = await asyncio.wait({request}, timeout=ANSWER_TIMEOUT_SECONDS)
+    if not done:
+        request.cancel()
+        raise TimeoutError(f"no answer within {ANSWER_TIMEOUT_SECONDS} s")
+    if request.cancelled() or request.exception() is not None:
+        return None
+    answer: dict[str, Any] = request.result()
+    return answer
+
+
+def _tell_cancelled(bucket: str, key: str, operation: str, stored: bool | None) -> None:
+    if stored is None:
+        logger.warning(
+            "write of s3://%s/%s was cancelled during %s, and S3 did not tell whether the object is stored",
+            bucket,
+            key,
+            operation,
+        )
+        return
+    outcome = "S3 stored the object whole" if stored else "nothing is stored"
+    logger.info("write of s3://%s/%s was cancelled during %s: %s", bucket, key, operation, outcome)
