@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aiobotocore.session import get_session
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink.encoding import encode_collection
 from model_runner.sink.settings import MiB, SinkSettings
 from model_runner.sink.upload import ByteBudget, upload_object

@@ -17,7 +17,7 @@ import anyio
 import orjson
 import pytest
 
-from model_runner.demo import synthetic_detections
+from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 
