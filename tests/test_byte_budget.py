@@ -6,7 +6,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from model_runner.sink.upload import BudgetHold, ByteBudget
+from model_runner.sink.budget import BudgetHold, ByteBudget
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -12,9 +12,10 @@ import pytest
 from aiobotocore.session import get_session
 
 from model_runner.cli.synthetic import synthetic_detections
+from model_runner.sink.budget import ByteBudget
 from model_runner.sink.encoding import encode_collection
 from model_runner.sink.settings import MiB, SinkSettings
-from model_runner.sink.upload import ByteBudget, upload_object
+from model_runner.sink.upload import upload_object
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

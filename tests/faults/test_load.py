@@ -12,8 +12,8 @@ import pytest
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, S3Sink, SinkSettings
+from model_runner.sink.budget import ByteBudget
 from model_runner.sink.settings import MiB
-from model_runner.sink.upload import ByteBudget
 
 from .proxy import FaultProxy
 

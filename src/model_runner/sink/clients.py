@@ -30,11 +30,12 @@ from botocore import loaders
 from botocore.config import Config
 from botocore.exceptions import ProfileNotFound
 
+from model_runner.sink.budget import ByteBudget
 from model_runner.sink.connections import SharedTlsSession
 from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, forget_loop_credentials, refresh
 from model_runner.sink.endpoints import resolve_once_per_bucket
 from model_runner.sink.settings import SinkSettings
-from model_runner.sink.upload import ABORT_TIMEOUT_SECONDS, ByteBudget
+from model_runner.sink.upload import ABORT_TIMEOUT_SECONDS
 
 __all__ = [
     "CLOSE_WAIT_SECONDS",
