@@ -119,6 +119,23 @@ class _Call:
                 slice_seconds = min(slice_seconds, remaining)
             wait_for_futures(futures, slice_seconds, return_when=FIRST_COMPLETED)
 
+    def join(self, first: Callable[[], object] | None = None) -> Any:
+        """
+        Do ``first`` (e.g. feed the call its features), then wait for the call's result. Anything that ends the
+        wait early (Ctrl-C, the deadline) cancels the call, waits for it to end, then propagates.
+
+        :return: What the call returned.
+        :raises TimeoutError: If the call's deadline passes first.
+        """
+        try:
+            if first is not None:
+                first()
+            self.wait(self.future)
+        except BaseException:
+            self.cancel()
+            raise
+        return self.result()
+
     def timed_out(self) -> TimeoutError:
         return TimeoutError(f"{self._what} did not finish within {self._timeout:g} s and was cancelled")
 
@@ -188,13 +205,7 @@ class _LoopThread:
         :return: What the call returned.
         :raises TimeoutError: If it did not finish within ``timeout`` seconds.
         """
-        call = self.start(what, timeout, function, *args)
-        try:
-            call.wait(call.future)
-        except BaseException:
-            call.cancel()
-            raise
-        result: T = call.result()
+        result: T = self.start(what, timeout, function, *args).join()
         return result
 
     def close(self) -> None:
@@ -273,13 +284,7 @@ def _call_fed(
     iterator = iter(features)
     send, receive = anyio.create_memory_object_stream[_Batch](1)
     call = loop_thread.start(what, timeout, _write_fed, write, send, receive)
-    try:
-        _feed(loop_thread, call, iterator, send, batch_features)
-        call.wait(call.future)
-    except BaseException:
-        call.cancel()
-        raise
-    result: T = call.result()
+    result: T = call.join(partial(_feed, loop_thread, call, iterator, send, batch_features))
     return result
 
 
