@@ -192,7 +192,7 @@ class AsyncS3Sink(AsyncSink):
         ``CLOSE_WAIT_SECONDS``; a write that outlasts it goes on, and is logged.
 
         The sink holds no connection between writes: the S3 client it shares with sinks configured alike closes
-        once unused for 5 minutes, or when the event loop ends (see
+        once unused for an hour, or when the event loop ends (see
         :func:`~model_runner.sink.clients.close_shared_clients` for a loop that is closed without
         ``asyncio.run``).
         """

@@ -50,10 +50,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# A client outlives its last sink this long, so that a service writing now and then does not pay for a new one:
-# its first write costs ~17 ms of CPU (the making is off the loop: the loop stalls ~5 ms) and a bucket check.
-# Kept, it holds ~0.4 MB and no socket: aiohttp closes idle connections after its keep-alive timeout.
-IDLE_SECONDS = 300.0
+# A client outlives its last sink this long, so that a service writing every few minutes (a model-runner worker,
+# one image at a time) does not pay for a new one each time: its first write costs ~17 ms of CPU, ~5 ms of loop
+# stall and a bucket check. Kept, it holds ~0.4 MB and no socket (aiohttp closes idle connections after its
+# keep-alive timeout); the timer remains so that a process cycling through many configurations frees them.
+IDLE_SECONDS = 3600.0
 # Closing a loop's clients waits this long at most for the writes still holding one: longer than a write's own
 # bounded clean-up (an answer in flight, then its abort), so that clean-up finishes on an open client, yet a hung
 # S3 cannot hold up a loop's end forever.
