@@ -21,6 +21,7 @@ from model_runner.sink.credentials import Clock
 from model_runner.sink.encoding import EncodingStats, FeatureSource, encode_collection
 from model_runner.sink.exceptions import FeatureEncodingError, SinkError
 from model_runner.sink.metrics import SinkMetrics, error_type
+from model_runner.sink.responses import error_code, retry_attempts
 from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.sink import AsyncSink
@@ -85,7 +86,7 @@ def is_unusable_bucket_error(error: ClientError) -> bool:
     :param error: The error.
     :return: `True` for a missing or forbidden bucket.
     """
-    return error.response.get("Error", {}).get("Code") in _UNUSABLE_BUCKET_CODES
+    return error_code(error) in _UNUSABLE_BUCKET_CODES
 
 
 class AsyncS3Sink(AsyncSink):
@@ -324,7 +325,7 @@ class AsyncS3Sink(AsyncSink):
             try:
                 head = await shared.client.head_object(Bucket=self.bucket, Key=key, **self.settings.bucket_arguments())
             except ClientError as error:
-                if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                if error_code(error) in {"404", "NoSuchKey", "NotFound"}:
                     return None
                 raise
         return dict(head.get("Metadata", {}))
@@ -432,10 +433,10 @@ class _WriteWatch:
             logger.info("write of s3://%s/%s cancelled after %.3f s", self.bucket, self.key, seconds, extra=extra)
         elif isinstance(error, ClientError):
             response: Mapping[str, Any] = error.response
-            extra["error_code"] = response.get("Error", {}).get("Code")
+            extra["error_code"] = error_code(error)
             extra["request_id"] = response.get("ResponseMetadata", {}).get("RequestId")
             extra["operation"] = error.operation_name
-            extra["retries"] = int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+            extra["retries"] = retry_attempts(response)
             if extra["retries"]:
                 self._tell(self._metrics.request_retried, self.bucket, self.key, error.operation_name, extra["retries"])
             logger.error(

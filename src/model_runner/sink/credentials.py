@@ -22,6 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.retries import standard
 
 from model_runner.sink.exceptions import InvalidAssumedRoleException
+from model_runner.sink.responses import error_code
 
 __all__ = ["AssumedRole", "assumed_role_credentials", "is_role_arn", "is_transient", "refresh", "refresh_windows"]
 
@@ -190,8 +191,7 @@ async def refresh(credentials: AioDeferredRefreshableCredentials, role_arn: str)
 
 
 def _reason(error: BaseException) -> str:
-    code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
-    return code or type(error).__name__
+    return error_code(error) or type(error).__name__
 
 
 def _utc(moment: datetime | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from model_runner.sink.responses import error_code
 from model_runner.sink.results import WriteResult
 
 if TYPE_CHECKING:
@@ -74,12 +75,7 @@ def error_type(error: BaseException) -> str:
     :param error: The failure.
     :return: E.g. ``"SlowDown"``, ``"FeatureEncodingError"``, ``"CancelledError"``.
     """
-    response = getattr(error, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        if code:
-            return str(code)
-    return type(error).__name__
+    return error_code(error) or type(error).__name__
 
 
 class OpenTelemetryMetrics(SinkMetrics):

@@ -21,6 +21,7 @@ from botocore.exceptions import ClientError
 
 from model_runner.sink.budget import BudgetHold, ByteBudget
 from model_runner.sink.exceptions import ChecksumMismatchError
+from model_runner.sink.responses import error_code, retry_attempts
 from model_runner.sink.settings import MAX_PART_SIZE, SinkSettings
 
 if sys.version_info < (3, 11):
@@ -165,12 +166,8 @@ def composite_crc32(part_checksums: list[str]) -> str:
     return f"{_crc32_base64(zlib.crc32(raw))}-{len(part_checksums)}"
 
 
-def _retries(response: dict[str, Any]) -> int:
-    return int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
-
-
 def _tell_retries(events: UploadEvents | None, operation: str, response: dict[str, Any]) -> None:
-    retries = _retries(response)
+    retries = retry_attempts(response)
     if retries and events is not None:
         events.retried(operation, retries)
 
@@ -292,7 +289,7 @@ async def _put_object(
     return UploadOutcome(
         bytes=size,
         parts=0,
-        retries=_retries(response),
+        retries=retry_attempts(response),
         checksum=checksum,
         etag=response.get("ETag", ""),
         version_id=response.get("VersionId"),
@@ -424,7 +421,7 @@ class MultipartUpload:
             await _run_to_the_end(self._abort_once_created(request))
             raise
         self.upload_id = created["UploadId"]
-        self.outcome.retries += _retries(created)
+        self.outcome.retries += retry_attempts(created)
         _tell_retries(self._events, "CreateMultipartUpload", created)
 
     async def send_part(self, number: int, pieces: list[memoryview]) -> None:
@@ -449,7 +446,7 @@ class MultipartUpload:
         )
         self._parts[number] = {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": checksum}
         self.outcome.bytes += size
-        self.outcome.retries += _retries(response)
+        self.outcome.retries += retry_attempts(response)
         _tell_retries(self._events, "UploadPart", response)
         if self._events is not None:
             self._events.part_stored(number, size)
@@ -484,7 +481,7 @@ class MultipartUpload:
         _tell_retries(self._events, "CompleteMultipartUpload", completed)
         self.outcome.seconds = time.perf_counter() - self._started
         self.outcome.parts = len(parts)
-        self.outcome.retries += _retries(completed)
+        self.outcome.retries += retry_attempts(completed)
         self.outcome.etag = completed.get("ETag", "")
         self.outcome.version_id = completed.get("VersionId")
 
@@ -535,7 +532,7 @@ class MultipartUpload:
                 ABORT_TIMEOUT_SECONDS,
             )
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") == "NoSuchUpload":
+            if error_code(error) == "NoSuchUpload":
                 logger.debug("multipart upload of s3://%s/%s was already completed", self.bucket, self.key)
                 return "gone"
             self._log_left_behind(error)

@@ -14,15 +14,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 from model_runner.cli.backfill.writes import Target
 from model_runner.sink import SinkSettings
 from model_runner.sink.clients import ClientOptions, shared_client
+from model_runner.sink.responses import error_code
 
 __all__ = ["abort_uploads"]
 
 # Listings at once when aborting what a killed writer left: S3 answers each in tens of milliseconds.
 ABORT_CONCURRENCY = 16
-
-
-def _error_code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
 
 
 async def _abort_key(client: Any, bucket: str, key: str, bucket_arguments: dict[str, str], problems: list[str]) -> None:
@@ -47,7 +44,7 @@ async def _abort_key(client: Any, bucket: str, key: str, bucket_arguments: dict[
                         Bucket=bucket, Key=key, UploadId=upload["UploadId"], **bucket_arguments
                     )
                 except ClientError as error:
-                    if _error_code(error) != "NoSuchUpload":  # aborted or completed meanwhile
+                    if error_code(error) != "NoSuchUpload":  # aborted or completed meanwhile
                         problems.append(f"multipart upload {upload['UploadId']} of {key} left in progress: {error}")
     except (ClientError, BotoCoreError) as error:
         problems.append(f"cannot list the multipart uploads of {key}: {error}")

@@ -19,7 +19,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from model_runner.cli.backfill import DEFAULT_CONCURRENCY
 from model_runner.cli.backfill.reading import inspect_source, read_features
 from model_runner.cli.backfill.sources import Outcome, Source, SourceError
-from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException
+from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, s3_sink
+from model_runner.sink.responses import error_code
 
 __all__ = [
     "DIGEST_METADATA",
@@ -35,7 +36,7 @@ DIGEST_METADATA = "source-sha256"
 STOP_POLL_SECONDS = 0.5
 
 # Both sinks log their write failures here; the job reports them itself.
-_sink_logger = logging.getLogger("model_runner.sink.s3_sink")
+_sink_logger = s3_sink.logger
 
 
 class BackfillError(Exception):
@@ -75,7 +76,7 @@ class Target:
 def _reason(error: Exception) -> str:
     if isinstance(error, (SourceError, TypeError, ValueError)):
         return str(error)  # FeatureEncodingError is a TypeError naming the feature
-    if isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in {"403", "AccessDenied"}:
+    if error_code(error) in {"403", "AccessDenied"}:
         return f"{error} (resuming needs s3:GetObject and s3:ListBucket; --no-resume does without)"
     return f"{type(error).__name__}: {error}"
 
