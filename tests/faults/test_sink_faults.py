@@ -101,7 +101,9 @@ async def test_an_unserialisable_feature_after_parts_were_uploaded_aborts(
         await sink_through(proxy, bucket).write("bad", features())
     assert raised.value.index == MULTIPART_COUNT
     assert proxy.count("UploadPart") >= 1
-    assert proxy.count("AbortMultipartUpload") == 1
+    # Exactly one abort S3 accepted: moto answers 500 to an abort racing a part it is still receiving, which
+    # botocore retries, so attempts may be more.
+    assert sum(exchange.status == 204 for exchange in proxy.log if exchange.operation == "AbortMultipartUpload") == 1
     assert_nothing_left(s3, bucket)
 
 
