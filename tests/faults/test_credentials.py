@@ -366,15 +366,21 @@ async def test_an_upload_ending_during_an_sts_outage_is_aborted_with_the_current
     async with anyio.create_task_group() as group:
         group.start_soon(write)
         await wait_for(proxy, "UploadPart", 1)
+        proxy.clear_rules()
         if ending == "failed":
-            proxy.clear_rules()
             proxy.add_rule(Rule({"UploadPart"}, "refuse", status=400, code="InvalidRequest"))
+        else:
+            # The next parts are held: the cancellation lands while one signed through the failing refresh is in
+            # flight, never after the upload completed.
+            proxy.add_rule(Rule({"UploadPart"}, "delay", delay=10))
+            proxy.peak_in_flight.pop("UploadPart", None)
         proxy.add_rule(STS_FAULTS["unavailable"])
         clock.offset = timedelta(minutes=52)
         if ending == "cancelled":
-            # Cancelled once a part has been signed through the failing refresh.
             await wait_for(proxy, "AssumeRole", 4)
-            await wait_for(proxy, "UploadPart", proxy.count("UploadPart") + 1)
+            with anyio.fail_after(60):
+                while not proxy.peak_in_flight.get("UploadPart"):  # noqa: ASYNC110 - the proxy counts in its own thread
+                    await anyio.sleep(0.01)
             group.cancel_scope.cancel()
     [first] = issued_key_ids(proxy)
     assert access_key_ids(proxy, "AbortMultipartUpload") == [first]
