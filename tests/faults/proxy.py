@@ -410,6 +410,19 @@ class FaultProxy:
         with self._lock:
             return sum(1 for exchange in self._log if exchange.operation == operation)
 
+    def accepted(self, operation: str) -> int:
+        """
+        :param operation: An operation name, such as ``"AbortMultipartUpload"``.
+        :return: How many requests for it were answered with a 2xx status: a request retried after a fault counts
+            once per attempt in :meth:`count`, once here if it succeeded.
+        """
+        with self._lock:
+            return sum(
+                1
+                for exchange in self._log
+                if exchange.operation == operation and exchange.status is not None and 200 <= exchange.status < 300
+            )
+
     def header_values(self, name: str) -> list[tuple[str, str | None]]:
         """
         What each request so far carried in a header.
