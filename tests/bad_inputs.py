@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import geojson
 import pytest
 
 NOT_COLLECTIONS = [
@@ -12,6 +11,6 @@ NOT_COLLECTIONS = [
     pytest.param("features", id="str"),
     pytest.param(b"features", id="bytes"),
     pytest.param({"type": "Feature", "geometry": None, "properties": {}}, id="dict"),
-    pytest.param(geojson.FeatureCollection([]), id="FeatureCollection"),
+    pytest.param({"type": "FeatureCollection", "features": 5}, id="collection-of-int"),
     pytest.param(object(), id="object"),
 ]

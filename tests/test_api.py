@@ -121,7 +121,9 @@ def test_prefix_must_be_a_string(sink_class: type[S3Sink] | type[AsyncS3Sink]) -
 def test_default_settings() -> None:
     settings = SinkSettings()
     assert settings.acl == "bucket-owner-full-control"
-    assert settings.content_type == "application/geo+json"
+    assert settings.content_type is None  # by format
+    assert settings.output_format == "geojson"
+    assert settings.effective_content_type == "application/geo+json"
     assert settings.multipart_threshold == 8 * 1024 * 1024
 
 

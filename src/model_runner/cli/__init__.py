@@ -135,6 +135,7 @@ def _run_backfill(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         resume=args.resume,
         dry_run=args.dry_run,
+        output_format=args.format,
     )
     return backfill(args.sources, target, dask=args.dask, stop_timeout=args.stop_timeout)
 
@@ -148,8 +149,9 @@ def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     """
     description = (
         "Write every .geojson/.json FeatureCollection and every .ndjson/.geojsonl file (one feature a line) under "
-        "the sources to S3 as PREFIX/<file stem>.geojson. Objects whose recorded source digest matches are skipped, "
-        "so a rerun resumes. The last line of output is 'written W, skipped S, failed F'."
+        "the sources to S3 as PREFIX/<file stem>.geojson (.geojsonl with --format geojsonseq). Objects whose "
+        "recorded source digest matches are skipped, so a rerun resumes. The last line of output is "
+        "'written W, skipped S, failed F'."
     )
     backfill_parser = commands.add_parser(
         "backfill", help="write GeoJSON files to S3, resumably", description=description
@@ -189,6 +191,13 @@ def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         help="write every file, even those whose object is up to date",
     )
     backfill_parser.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
+    backfill_parser.add_argument(
+        "--format",
+        choices=("geojson", "geojsonseq"),
+        default="geojson",
+        help="geojson: a FeatureCollection per file; geojsonseq: one feature a line, at PREFIX/<file stem>.geojsonl "
+        "(default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

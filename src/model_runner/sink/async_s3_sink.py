@@ -18,7 +18,15 @@ from botocore.exceptions import ClientError
 from model_runner.api import SinkMode, SinkType
 from model_runner.sink.clients import CLOSE_WAIT_SECONDS, ClientOptions, InFlight, SharedClient, shared_client
 from model_runner.sink.credentials import Clock
-from model_runner.sink.encoding import EncodingStats, FeatureSource, encode_collection
+from model_runner.sink.encoding import (
+    SUFFIXES,
+    EncodingStats,
+    Features,
+    FeatureSource,
+    OutputFormat,
+    check_members,
+    encode_collection,
+)
 from model_runner.sink.exceptions import FeatureEncodingError, SinkError
 from model_runner.sink.metrics import SinkMetrics, error_type
 from model_runner.sink.responses import error_code, retry_attempts
@@ -38,19 +46,20 @@ logger = logging.getLogger("model_runner.sink.s3_sink")
 # What botocore accepts as a bucket name (legacy names included); the rest is left to S3 to judge.
 _BUCKET_NAME = re.compile(r"^[a-zA-Z0-9.\-_]{3,255}$")
 _MAX_KEY_BYTES = 1024
-# The shortest name an image can add to the prefix: one character and ".geojson".
-_SHORTEST_NAME_BYTES = len("x.geojson")
+# The shortest name an image can add to the prefix: one character and the longest suffix, ".geojsonl".
+_SHORTEST_NAME_BYTES = len("x" + max(SUFFIXES.values(), key=len))
 # Answers that mean the bucket cannot be written at all: the seed reports them as False, not as an exception.
 _UNUSABLE_BUCKET_CODES = frozenset({"NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "Forbidden"})
 
 
-def object_key(prefix: str, image_id: str) -> str:
+def object_key(prefix: str, image_id: str, output_format: OutputFormat = "geojson") -> str:
     """
     The key of an image's collection, as the seed derives it: the image id's last path segment, under the prefix.
 
     :param prefix: The prefix within the bucket.
     :param image_id: The image's identifier; only its last ``/``-separated segment is used.
-    :return: ``prefix/<last segment>.geojson``.
+    :param output_format: The object's format, which names its suffix.
+    :return: ``prefix/<last segment>.geojson``, or ``.geojsonl`` for ``"geojsonseq"``.
     :raises ValueError: If the image id has no last segment, e.g. ``""`` or ``"a/b/"``.
     """
     if not isinstance(image_id, str):
@@ -58,7 +67,7 @@ def object_key(prefix: str, image_id: str) -> str:
     name = image_id.split("/")[-1]
     if not name:
         raise ValueError(f"image_id {image_id!r} has no file name to derive an object key from")
-    key = posixpath.join(prefix, name + ".geojson")
+    key = posixpath.join(prefix, name + SUFFIXES[output_format])
     if _utf8_length(key, "image_id") > _MAX_KEY_BYTES:
         raise ValueError(f"object key for image_id {image_id!r} is longer than S3's 1,024 bytes")
     return key
@@ -69,6 +78,21 @@ def _utf8_length(text: str, what: str) -> int:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError as error:
         raise ValueError(f"{what} {text!r} cannot be an S3 key: it is not valid Unicode ({error.reason})") from None
+
+
+def _split_collection(source: FeatureSource) -> tuple[Features, dict[str, Any]]:
+    """A collection's features and its other members; features alone have none."""
+    if not isinstance(source, Mapping):
+        _check_features(source)
+        return source, {}
+    kind = source.get("type")
+    if not (isinstance(kind, str) and kind == "FeatureCollection"):
+        _check_features(source)  # refuses any other mapping, with its hint
+    if "features" not in source:
+        raise TypeError('a FeatureCollection holds its features in "features", and this one has none')
+    features = source["features"]
+    _check_features(features)
+    return features, {name: value for name, value in source.items() if name not in ("type", "features")}
 
 
 def _check_features(features: object) -> None:
@@ -174,10 +198,10 @@ class AsyncS3Sink(AsyncSink):
         The key an image's collection is written to.
 
         :param image_id: The identifier of the image.
-        :return: ``prefix/<last segment of image_id>.geojson``.
+        :return: ``prefix/<last segment of image_id>.geojson``, or ``.geojsonl`` for ``"geojsonseq"``.
         :raises ValueError: If the image id has no last segment.
         """
-        return object_key(self.prefix, image_id)
+        return object_key(self.prefix, image_id, self.settings.output_format)
 
     async def __aenter__(self) -> AsyncS3Sink:
         return self
@@ -214,7 +238,8 @@ class AsyncS3Sink(AsyncSink):
 
         :param image_id: The identifier for the image, used to generate the S3 object key.
         :param features: GeoJSON features (``geojson.Feature`` objects or dicts): a list, any iterable, or an
-            async iterable.
+            async iterable; or a whole collection (a ``geojson.FeatureCollection`` or a dict whose ``type`` is
+            ``"FeatureCollection"``), whose other members (``bbox``...) are written too.
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored; see
             :meth:`write_with_result`.
@@ -222,8 +247,9 @@ class AsyncS3Sink(AsyncSink):
         :raises ClientError: If S3 refuses the upload for another reason, after retries.
         :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
         :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
-        :raises ValueError: If the image id has no file name.
-        :raises TypeError: If ``features`` is not a collection of features.
+        :raises ValueError: If the image id has no file name, or the output format is a text sequence and a
+            collection has members other than its features.
+        :raises TypeError: If ``features`` is neither features nor a FeatureCollection.
         """
         try:
             await self.write_with_result(image_id, features, metadata=metadata, on_progress=on_progress)
@@ -251,21 +277,25 @@ class AsyncS3Sink(AsyncSink):
         logged and ignored.
 
         :param image_id: The identifier for the image, used to generate the S3 object key.
-        :param features: GeoJSON features: a list, any iterable, or an async iterable.
+        :param features: GeoJSON features: a list, any iterable, or an async iterable; or a whole collection, as
+            for :meth:`write`.
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as the write advances.
         :return: The stored object's key, size, checksum and costs.
         :raises ClientError: If S3 refuses the upload, after retries, a missing bucket included.
         :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
         :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
+        :raises ValueError: If the output format is a text sequence and a collection has members other than its
+            features; nothing is stored.
         """
         key = self.object_key(image_id)
-        _check_features(features)
+        features, members = _split_collection(features)
+        check_members(members, self.settings.output_format)
         watch = _WriteWatch(self.bucket, key, on_progress, self._metrics)
         watch.started()
         try:
             async with self._writes.track():
-                result = await self._write(key, features, metadata, watch)
+                result = await self._write(key, features, members, metadata, watch)
         except BaseException as error:
             watch.failed(error)
             raise
@@ -273,7 +303,12 @@ class AsyncS3Sink(AsyncSink):
         return result
 
     async def _write(
-        self, key: str, features: FeatureSource, metadata: Mapping[str, str] | None, watch: _WriteWatch
+        self,
+        key: str,
+        features: Features,
+        members: Mapping[str, Any],
+        metadata: Mapping[str, str] | None,
+        watch: _WriteWatch,
     ) -> WriteResult:
         async with shared_client(self._client_options) as shared:
             await self._check_bucket_once(shared)
@@ -283,6 +318,8 @@ class AsyncS3Sink(AsyncSink):
                 call_seconds=self.settings.encode_call_seconds,
                 limiter=shared.limiter,
                 stats=watch.stats,
+                members=members,
+                output_format=self.settings.output_format,
             )
             async with aclosing(chunks):
                 outcome = await upload_object(

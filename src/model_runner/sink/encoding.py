@@ -1,4 +1,4 @@
-"""Features -> the bytes of one GeoJSON FeatureCollection, in chunks, encoded off the event loop."""
+"""Features -> the bytes of one GeoJSON FeatureCollection or text sequence, in chunks, encoded off the event loop."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from decimal import Decimal
-from itertools import islice, repeat
-from typing import Any, TypeAlias
+from itertools import chain, islice, repeat
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
 import anyio
 import anyio.to_thread
@@ -29,9 +29,44 @@ import orjson
 
 from model_runner.sink.exceptions import FeatureEncodingError
 
-__all__ = ["COLLECTION_HEAD", "COLLECTION_TAIL", "EncodingStats", "FeatureSource", "encode_collection"]
+if TYPE_CHECKING:
+    import geojson
 
-FeatureSource: TypeAlias = "Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]]"
+__all__ = [
+    "COLLECTION_HEAD",
+    "COLLECTION_TAIL",
+    "CONTENT_TYPES",
+    "OUTPUT_FORMATS",
+    "SUFFIXES",
+    "Collection",
+    "EncodingStats",
+    "Feature",
+    "FeatureSource",
+    "Features",
+    "OutputFormat",
+    "check_members",
+    "encode_collection",
+]
+
+Feature: TypeAlias = "geojson.Feature | Mapping[str, Any]"
+"""A GeoJSON feature: a ``geojson.Feature``, or any mapping whose ``type`` is ``"Feature"``."""
+Features: TypeAlias = "Iterable[Feature] | AsyncIterable[Feature]"
+"""Features from a list, any iterable, or an async iterable."""
+Collection: TypeAlias = "geojson.FeatureCollection | Mapping[str, Any]"
+"""A GeoJSON FeatureCollection: a ``geojson.FeatureCollection``, or any mapping whose ``type`` is
+``"FeatureCollection"``."""
+FeatureSource: TypeAlias = "Features | Collection"
+"""What a write takes: features, or a whole collection whose other members (``bbox``...) are written too."""
+
+OutputFormat: TypeAlias = Literal["geojson", "geojsonseq"]
+"""``"geojson"``: one FeatureCollection; ``"geojsonseq"``: a GeoJSON text sequence, one feature a line."""
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
+CONTENT_TYPES: Mapping[OutputFormat, str] = {
+    "geojson": "application/geo+json",
+    "geojsonseq": "application/geo+json-seq",
+}
+# .geojsonl is what GDAL's GeoJSONSeq driver names newline-delimited sequences (.geojsons those with RS).
+SUFFIXES: Mapping[OutputFormat, str] = {"geojson": ".geojson", "geojsonseq": ".geojsonl"}
 
 COLLECTION_HEAD = b'{"type":"FeatureCollection","features":['
 COLLECTION_TAIL = b"]}"
@@ -99,12 +134,125 @@ def _decimal(value: Decimal) -> orjson.Fragment | float:
     return orjson.Fragment(str(value))
 
 
-def _dumps(features: list[Any], first_index: int) -> bytes:
+# orjson.dumps costs about 2 us a call beside its work: a feature at a time triples a sequence's encoding time. So a
+# batch is dumped as one list with this marker after each feature; orjson escapes control characters in strings,
+# so the only raw 0x1E bytes in its output are the markers', each between two commas.
+_MARK = orjson.Fragment(b"\x1e")
+_NEWLINE = b"\n"
+
+
+class _Framing:
+    """How an object lays features out: what opens it, what goes between two runs of features, what closes it."""
+
+    head = b""
+    separator = b""
+    tail = b""
+    #: Whether the object can hold a collection's members other than its features (``bbox``...).
+    holds_members = False
+
+    def encode(self, features: list[Any], option: int) -> memoryview:
+        """The features' bytes as laid out in the object, without ``head``, ``separator`` or ``tail``."""
+        raise NotImplementedError
+
+    def from_array(self, data: bytes, features: list[Any], option: int) -> memoryview:
+        """The same, given the features' bytes as one JSON array."""
+        raise NotImplementedError
+
+
+class _CollectionFraming(_Framing):
+    """One FeatureCollection: its features are the elements of an array."""
+
+    head = COLLECTION_HEAD
+    separator = b","
+    tail = COLLECTION_TAIL
+    holds_members = True
+
+    def encode(self, features: list[Any], option: int) -> memoryview:
+        return self.from_array(orjson.dumps(features, default=_default, option=option), features, option)
+
+    def from_array(self, data: bytes, features: list[Any], option: int) -> memoryview:
+        # Drop the array's own brackets without copying it.
+        return memoryview(data)[1:-1]
+
+
+class _SequenceFraming(_Framing):
+    """A GeoJSON text sequence, newline-delimited: each feature on a line of its own, ended by a newline."""
+
+    def encode(self, features: list[Any], option: int) -> memoryview:
+        marked = list(chain.from_iterable(zip(features, repeat(_MARK))))
+        lines = _marked_lines(orjson.dumps(marked, default=_default, option=option), len(features))
+        if lines is None:  # a Fragment of the caller's holds a raw 0x1E: a feature at a time, then
+            option |= orjson.OPT_APPEND_NEWLINE
+            lines = [orjson.dumps(feature, default=_default, option=option) for feature in features]
+        return memoryview(b"".join(lines))
+
+    def from_array(self, data: bytes, features: list[Any], option: int) -> memoryview:
+        return self.encode(features, option)
+
+
+def _marked_lines(data: bytes, count: int) -> list[bytes | memoryview] | None:
+    # data is [f1,<mark>,f2,<mark>]: each feature ends one byte before its mark, the next starts two bytes after.
+    view = memoryview(data)
+    lines: list[bytes | memoryview] = []
+    find = data.find
+    start = 1
+    for _ in range(count):
+        mark = find(b"\x1e", start)
+        if mark < 0:
+            return None
+        lines += (view[start : mark - 1], _NEWLINE)
+        start = mark + 2
+    return lines if start == len(data) else None
+
+
+_FRAMINGS: Mapping[OutputFormat, _Framing] = {"geojson": _CollectionFraming(), "geojsonseq": _SequenceFraming()}
+
+
+def _framing(output_format: OutputFormat) -> _Framing:
+    framing = _FRAMINGS.get(output_format)
+    if framing is None:
+        accepted = ", ".join(map(repr, OUTPUT_FORMATS))
+        raise ValueError(f"output_format must be one of {accepted}, not {reprlib.repr(output_format)}")
+    return framing
+
+
+def check_members(members: Mapping[str, Any] | None, output_format: OutputFormat) -> None:
+    """
+    Check that an object of a format can hold a collection's members other than ``type`` and ``features``.
+
+    :param members: The collection's members, or `None`.
+    :param output_format: The format.
+    :raises ValueError: If the format is unknown, or is a text sequence and there are such members: a sequence
+        holds features only.
+    """
+    framing = _framing(output_format)
+    others = [name for name in members or () if name not in ("type", "features")]
+    if others and not framing.holds_members:
+        raise ValueError(
+            f"a GeoJSON text sequence holds features only, not the collection's {', '.join(map(repr, others))}: "
+            "drop them, or write output_format='geojson'"
+        )
+
+
+def _collection_head(members: Mapping[str, Any]) -> bytes:
+    others = {name: value for name, value in members.items() if name not in ("type", "features")}
+    if not others:
+        return COLLECTION_HEAD
+    try:
+        data = orjson.dumps(others, default=_default, option=_OPTIONS)
+    except orjson.JSONEncodeError as error:
+        names = ", ".join(map(repr, others))
+        raise TypeError(f"the collection's members {names} cannot be written as JSON: {error}") from error
+    # Before "features", so that the features can still follow in chunks.
+    return b'{"type":"FeatureCollection",' + data[1:-1] + b',"features":['
+
+
+def _dumps(features: list[Any], first_index: int, framing: _Framing) -> memoryview:
     _check_types(features, first_index)
     try:
-        data = orjson.dumps(features, default=_default, option=_OPTIONS)
+        data = framing.encode(features, _OPTIONS)
     except orjson.JSONEncodeError:
-        data = _dumps_lenient(features, first_index)
+        data = _dumps_lenient(features, first_index, framing)
     if _ARRAY_NULL.search(data) is not None:
         _check_coordinates(features, first_index)
     return data
@@ -140,27 +288,27 @@ def _not_a_feature(feature: Any) -> str | None:
     return f'its "type" is {reprlib.repr(kind)}, not "Feature"'
 
 
-def _dumps_lenient(features: list[Any], first_index: int) -> bytes:
+def _dumps_lenient(features: list[Any], first_index: int, framing: _Framing) -> memoryview:
     # Only non-string keys can be written alike (1 and "1" are both written "1"): a group without any is written as
     # the fast path writes it, and only a group with some pays for looking for collisions.
     pieces: list[memoryview] = []
     for start in range(0, len(features), _LENIENT_GROUP):
         group = features[start : start + _LENIENT_GROUP]
         try:
-            data = orjson.dumps(group, default=_default, option=_OPTIONS)
+            piece = framing.encode(group, _OPTIONS)
         except orjson.JSONEncodeError:
-            data = _dumps_checked(group, first_index + start)
-        pieces.append(memoryview(data)[1:-1])
-    return b"[" + b",".join(pieces) + b"]"
+            piece = _dumps_checked(group, first_index + start, framing)
+        pieces.append(piece)
+    return memoryview(framing.separator.join(pieces))
 
 
-def _dumps_checked(features: list[Any], first_index: int) -> bytes:
+def _dumps_checked(features: list[Any], first_index: int, framing: _Framing) -> memoryview:
     try:
         data = orjson.dumps(features, default=_default, option=_LENIENT_OPTIONS)
     except orjson.JSONEncodeError:
         data = b""
     if data and _reencodes_alike(data):
-        return data
+        return framing.from_array(data, features, _LENIENT_OPTIONS)
     # Something is wrong, or a Decimal's digits differ: a feature at a time says which, if any.
     for offset, feature in enumerate(features):
         try:
@@ -170,7 +318,9 @@ def _dumps_checked(features: list[Any], first_index: int) -> bytes:
         problem = _colliding_keys(feature, feature_data)
         if problem is not None:
             raise FeatureEncodingError(first_index + offset, problem)
-    return data or orjson.dumps(features, default=_default, option=_LENIENT_OPTIONS)
+    return framing.from_array(
+        data or orjson.dumps(features, default=_default, option=_LENIENT_OPTIONS), features, _LENIENT_OPTIONS
+    )
 
 
 def _reason(feature: Any, error: orjson.JSONEncodeError) -> str:
@@ -304,18 +454,20 @@ def _has_colliding_keys(value: Any) -> bool:
     return isinstance(value, Mapping) and bool(_colliding(value))
 
 
-def _timed_dumps(features: list[Any], first_index: int) -> tuple[bytes, float]:
+def _timed_dumps(features: list[Any], first_index: int, framing: _Framing) -> tuple[memoryview, float]:
     started = time.perf_counter()
-    data = _dumps(features, first_index)
+    data = _dumps(features, first_index, framing)
     return data, time.perf_counter() - started
 
 
-def _pull_and_dumps(iterator: Iterator[Any], count: int, first_index: int) -> tuple[bytes, int, float]:
+def _pull_and_dumps(
+    iterator: Iterator[Any], count: int, first_index: int, framing: _Framing
+) -> tuple[memoryview, int, float]:
     # Pulled in the worker thread: a generator's own work stays off the event loop too.
     batch = list(islice(iterator, count))
     if not batch:
-        return b"", 0, 0.0
-    data, seconds = _timed_dumps(batch, first_index)
+        return memoryview(b""), 0, 0.0
+    data, seconds = _timed_dumps(batch, first_index, framing)
     return data, len(batch), seconds
 
 
@@ -328,8 +480,12 @@ def _next_batch_size(size: int, seconds: float, target: float) -> int:
 
 
 async def _encoded_batches(
-    features: FeatureSource, batch_size: int, target_seconds: float, limiter: anyio.CapacityLimiter | None
-) -> AsyncIterator[tuple[bytes, int, float]]:
+    features: Features,
+    batch_size: int,
+    target_seconds: float,
+    limiter: anyio.CapacityLimiter | None,
+    framing: _Framing,
+) -> AsyncIterator[tuple[memoryview, int, float]]:
     index = 0
     if isinstance(features, AsyncIterable):
         iterator = aiter(features)
@@ -344,7 +500,7 @@ async def _encoded_batches(
                 exhausted = True
             if not batch:
                 break
-            data, seconds = await anyio.to_thread.run_sync(_timed_dumps, batch, index, limiter=limiter)
+            data, seconds = await anyio.to_thread.run_sync(_timed_dumps, batch, index, framing, limiter=limiter)
             yield data, len(batch), seconds
             index += len(batch)
             batch_size = _next_batch_size(batch_size, seconds, target_seconds)
@@ -352,7 +508,7 @@ async def _encoded_batches(
     sync_iterator = iter(features)
     while True:
         data, count, seconds = await anyio.to_thread.run_sync(
-            _pull_and_dumps, sync_iterator, batch_size, index, limiter=limiter
+            _pull_and_dumps, sync_iterator, batch_size, index, framing, limiter=limiter
         )
         if count:
             yield data, count, seconds
@@ -363,19 +519,21 @@ async def _encoded_batches(
 
 
 async def encode_collection(
-    features: FeatureSource,
+    features: Features,
     *,
     batch_features: int = 1000,
     call_seconds: float = 0.001,
     limiter: anyio.CapacityLimiter | None = None,
     stats: EncodingStats | None = None,
+    members: Mapping[str, Any] | None = None,
+    output_format: OutputFormat = "geojson",
 ) -> AsyncGenerator[memoryview, None]:
     """
-    Encode features as one compact UTF-8 GeoJSON FeatureCollection, chunk by chunk.
+    Encode features as one compact UTF-8 GeoJSON FeatureCollection, or a GeoJSON text sequence, chunk by chunk.
 
     Features are pulled and serialised with orjson in worker threads, a batch at a time, each batch sized so that
     one orjson call lasts about ``call_seconds``: orjson holds the GIL for a whole call, so this bounds how long
-    the event loop waits. The chunks, joined, are the collection's bytes. NaN and infinities outside coordinates
+    the event loop waits. The chunks, joined, are the object's bytes. NaN and infinities outside coordinates
     are written as ``null``, a ``Decimal`` with all its digits.
 
     :param features: GeoJSON features (mappings, e.g. ``geojson.Feature``), from an iterable or async iterable.
@@ -383,28 +541,39 @@ async def encode_collection(
     :param call_seconds: Target duration of one orjson call.
     :param limiter: Limits the worker threads used, e.g. shared by all the writes of a sink.
     :param stats: Updated as chunks are produced.
+    :param members: A collection's members other than ``type`` and ``features`` (``bbox``...), written before
+        the features.
+    :param output_format: ``"geojson"``, a FeatureCollection; ``"geojsonseq"``, one feature a line, each line
+        ended by a newline (no feature: no byte).
     :return: An async iterator of chunks of bytes.
     :raises FeatureEncodingError: If a feature is not a mapping whose ``type`` is ``"Feature"``, holds a value JSON
         cannot represent (an integer past 64 bits...), NaN or an infinity in its geometry's coordinates, or two keys
         written as the same JSON key (``1`` and ``"1"``).
+    :raises ValueError: If the format is unknown, or is a sequence and there are ``members``; before any chunk.
+    :raises TypeError: If a member cannot be written as JSON; before any chunk.
     """
     stats = stats if stats is not None else EncodingStats()
-    yield memoryview(COLLECTION_HEAD)
-    stats.bytes += len(COLLECTION_HEAD)
-    separator = memoryview(b",")
+    check_members(members, output_format)
+    framing = _framing(output_format)
+    head = framing.head
+    if members:
+        head = await anyio.to_thread.run_sync(_collection_head, members, limiter=limiter)
+    if head:
+        yield memoryview(head)
+        stats.bytes += len(head)
+    separator = memoryview(framing.separator)
     first = True
-    async for data, count, seconds in _encoded_batches(features, batch_features, call_seconds, limiter):
-        if not first:
+    async for chunk, count, seconds in _encoded_batches(features, batch_features, call_seconds, limiter, framing):
+        if not first and separator:
             yield separator
-            stats.bytes += 1
+            stats.bytes += len(separator)
         first = False
-        # Drop the batch's own brackets without copying it.
-        chunk = memoryview(data)[1:-1]
         stats.features += count
         stats.bytes += len(chunk)
         stats.seconds += seconds
         if stats.marks is not None:
             stats.marks.append((stats.bytes, stats.features))
         yield chunk
-    yield memoryview(COLLECTION_TAIL)
-    stats.bytes += len(COLLECTION_TAIL)
+    if framing.tail:
+        yield memoryview(framing.tail)
+        stats.bytes += len(framing.tail)

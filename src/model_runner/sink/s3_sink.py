@@ -26,7 +26,7 @@ from botocore.config import Config
 
 from model_runner.api import SinkMode
 from model_runner.sink.async_s3_sink import AsyncS3Sink, ProgressCallback
-from model_runner.sink.encoding import FeatureSource
+from model_runner.sink.encoding import Collection, Feature, FeatureSource
 from model_runner.sink.exceptions import SinkError
 from model_runner.sink.metrics import SinkMetrics
 from model_runner.sink.results import WriteResult
@@ -446,7 +446,7 @@ class S3Sink(Sink):
     def write(
         self,
         image_id: str,
-        features: Iterable[Any],
+        features: Iterable[Feature] | Collection,
         *,
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
@@ -467,7 +467,9 @@ class S3Sink(Sink):
         ``timeout=`` or use :class:`~model_runner.sink.async_s3_sink.AsyncS3Sink` in asyncio code.
 
         :param image_id: The identifier for the image, used to generate the S3 object key.
-        :param features: A list (or any iterable) of GeoJSON features to be aggregated and written to S3.
+        :param features: A list (or any iterable) of GeoJSON features to be aggregated and written to S3, or a whole
+            collection (a ``geojson.FeatureCollection`` or a dict whose ``type`` is ``"FeatureCollection"``), whose
+            other members (``bbox``...) are written too.
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
             thread.
@@ -482,7 +484,7 @@ class S3Sink(Sink):
     def write_with_result(
         self,
         image_id: str,
-        features: Iterable[Any],
+        features: Iterable[Feature] | Collection,
         *,
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
@@ -494,7 +496,7 @@ class S3Sink(Sink):
         Features are pulled, and the write cancelled, as by :meth:`write`.
 
         :param image_id: The identifier for the image, used to generate the S3 object key.
-        :param features: A list (or any iterable) of GeoJSON features.
+        :param features: A list (or any iterable) of GeoJSON features, or a whole collection, as for :meth:`write`.
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
             thread; the last call gives the result's ``bytes`` and ``features``.
@@ -522,7 +524,7 @@ class S3Sink(Sink):
         self,
         method: Callable[..., Awaitable[T]],
         image_id: str,
-        features: Iterable[Any],
+        features: Iterable[Feature] | Collection,
         metadata: Mapping[str, str] | None,
         on_progress: ProgressCallback | None,
         timeout: float | None,

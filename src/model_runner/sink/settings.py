@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from model_runner.sink.encoding import CONTENT_TYPES, OUTPUT_FORMATS, OutputFormat
+
 __all__ = ["MiB", "SinkSettings"]
 
 MiB = 1024 * 1024
@@ -35,7 +37,10 @@ class SinkSettings:
     :param encode_call_seconds: Target duration of one orjson call. orjson holds the GIL for a whole call, so
         this bounds how long the event loop can wait on the encoder.
     :param acl: Canned ACL of written objects, or `None` for the bucket's default.
-    :param content_type: Content type of written objects.
+    :param content_type: Content type of written objects; `None` (the default) for the format's own,
+        ``application/geo+json`` or ``application/geo+json-seq``.
+    :param output_format: `"geojson"` (the default): one FeatureCollection at ``<prefix>/<name>.geojson``;
+        `"geojsonseq"`: a GeoJSON text sequence, one feature a line, at ``<prefix>/<name>.geojsonl``.
     :param storage_class: S3 storage class, or `None` for the bucket's default.
     :param server_side_encryption: `"AES256"` (SSE-S3), `"aws:kms"` or `"aws:kms:dsse"`, or `None`.
     :param sse_kms_key_id: KMS key for `"aws:kms"` encryption.
@@ -59,7 +64,8 @@ class SinkSettings:
     encode_batch_features: int = 1000
     encode_call_seconds: float = 0.001
     acl: str | None = "bucket-owner-full-control"
-    content_type: str = "application/geo+json"
+    content_type: str | None = None
+    output_format: OutputFormat = "geojson"
     storage_class: str | None = None
     server_side_encryption: ServerSideEncryption | None = None
     sse_kms_key_id: str | None = None
@@ -84,6 +90,9 @@ class SinkSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.output_format not in OUTPUT_FORMATS:
+            accepted = ", ".join(map(repr, OUTPUT_FORMATS))
+            raise ValueError(f"output_format must be one of {accepted}, not {self.output_format!r}")
         if self.encode_call_seconds <= 0:
             raise ValueError("encode_call_seconds must be positive")
         if self.sse_kms_key_id is not None and self.server_side_encryption not in ("aws:kms", "aws:kms:dsse"):
@@ -100,13 +109,22 @@ class SinkSettings:
                 f"({self.role_duration_seconds // 2}), not {refresh}"
             )
 
+    @property
+    def effective_content_type(self) -> str:
+        """
+        The content type written objects get.
+
+        :return: ``content_type`` if set, else the output format's own.
+        """
+        return self.content_type if self.content_type is not None else CONTENT_TYPES[self.output_format]
+
     def object_arguments(self) -> dict[str, str]:
         """
         The arguments that ``PutObject`` and ``CreateMultipartUpload`` share.
 
         :return: Request arguments for the options that are set.
         """
-        arguments = {"ContentType": self.content_type}
+        arguments = {"ContentType": self.effective_content_type}
         optional = {
             "ACL": self.acl,
             "StorageClass": self.storage_class,

@@ -2,7 +2,8 @@
 Backfill: write GeoJSON files from disk to S3, one object per file, resumably, from this process or on Dask.
 
 Every ``*.geojson``/``*.json`` FeatureCollection file and every ``*.ndjson``/``*.geojsonl`` file (one feature a line,
-blank lines ignored) under the sources becomes the object ``<prefix>/<file stem>.geojson``, written through
+blank lines ignored) under the sources becomes the object ``<prefix>/<file stem>.geojson`` (with ``--format
+geojsonseq``, ``<prefix>/<file stem>.geojsonl``, one feature a line), written through
 :class:`~model_runner.sink.AsyncS3Sink`. Files are parsed incrementally (ijson, or line by line), so memory does not
 grow with a file's size. The object is the features re-serialised compactly by orjson: equal in content to the
 source, floats included (they are written in their shortest round-trip form), but not a byte copy of it.

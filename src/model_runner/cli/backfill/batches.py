@@ -61,7 +61,7 @@ def object_keys(target: Target, sources: Sequence[Source]) -> list[str]:
     :param sources: The files.
     :return: Their keys, in order.
     """
-    return [object_key(target.prefix, source.image_id) for source in sources]
+    return [object_key(target.prefix, source.image_id, target.output_format) for source in sources]
 
 
 async def _write_batch(

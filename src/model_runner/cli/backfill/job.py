@@ -120,7 +120,7 @@ def backfill(
     """
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        sources, failures = find_sources(paths, target.prefix)
+        sources, failures = find_sources(paths, target.prefix, target.output_format)
     except KeyboardInterrupt:
         print("interrupted while finding the files", file=err)
         print(Report.summary_of(Counter()), file=out, flush=True)

@@ -2,7 +2,8 @@
 The backfill's source files: finding them under files and folders, each once per key.
 
 Every ``*.geojson``/``*.json`` FeatureCollection file and every ``*.ndjson``/``*.geojsonl`` file (one feature a
-line, blank lines ignored) is a source; it becomes the object ``<prefix>/<file stem>.geojson``. Symbolic links are
+line, blank lines ignored) is a source; it becomes the object ``<prefix>/<file stem>.geojson`` (``.geojsonl`` for
+a text sequence). Symbolic links are
 followed, to files and to folders: a link is a source of its own when its name maps to another key than its target.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from model_runner.sink.async_s3_sink import object_key
+from model_runner.sink.encoding import OutputFormat
 
 __all__ = [
     "COLLECTION_SUFFIXES",
@@ -163,7 +165,9 @@ def _source_files(paths: Sequence[str | Path], failures: list[Outcome]) -> Itera
             failures.append(Outcome(str(given), "failed", reason="not a .geojson, .json, .ndjson or .geojsonl file"))
 
 
-def find_sources(paths: Sequence[str | Path], prefix: str) -> tuple[list[Source], list[Outcome]]:
+def find_sources(
+    paths: Sequence[str | Path], prefix: str, output_format: OutputFormat = "geojson"
+) -> tuple[list[Source], list[Outcome]]:
     """
     Find the files to write under files and folders (recursively, following symbolic links).
 
@@ -175,6 +179,7 @@ def find_sources(paths: Sequence[str | Path], prefix: str) -> tuple[list[Source]
 
     :param paths: Files and folders.
     :param prefix: The prefix of the keys.
+    :param output_format: The format of the objects, which names their suffix.
     :return: The files to write, and the failures found on the way.
     """
     failures: list[Outcome] = []
@@ -185,7 +190,7 @@ def find_sources(paths: Sequence[str | Path], prefix: str) -> tuple[list[Source]
         try:
             real = path.resolve()
             size = path.stat().st_size
-            key = object_key(prefix, path.stem)
+            key = object_key(prefix, path.stem, output_format)
         except (OSError, RuntimeError, ValueError) as error:
             failures.append(Outcome(str(path), "failed", reason=str(error)))
             continue

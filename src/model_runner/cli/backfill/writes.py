@@ -19,7 +19,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from model_runner.cli.backfill import DEFAULT_CONCURRENCY
 from model_runner.cli.backfill.reading import inspect_source, read_features
 from model_runner.cli.backfill.sources import Outcome, Source, SourceError
-from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, s3_sink
+from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, SinkSettings, s3_sink
+from model_runner.sink.encoding import OutputFormat
 from model_runner.sink.responses import error_code
 
 __all__ = [
@@ -54,6 +55,8 @@ class Target:
     :param concurrency: Files written at once (per batch with dask).
     :param resume: Skip the files whose object already carries their digest.
     :param dry_run: Tell what would be written, write nothing.
+    :param output_format: `"geojson"`, a FeatureCollection per file, or `"geojsonseq"`, one feature a line at
+        ``<prefix>/<file stem>.geojsonl``.
     """
 
     bucket: str
@@ -62,6 +65,7 @@ class Target:
     concurrency: int = DEFAULT_CONCURRENCY
     resume: bool = True
     dry_run: bool = False
+    output_format: OutputFormat = "geojson"
 
     def sink(self) -> AsyncS3Sink:
         """
@@ -70,7 +74,7 @@ class Target:
         :return: The sink.
         :raises ValueError: If the bucket name or the prefix cannot be used.
         """
-        return AsyncS3Sink(self.bucket, self.prefix, self.role)
+        return AsyncS3Sink(self.bucket, self.prefix, self.role, settings=SinkSettings(output_format=self.output_format))
 
 
 def _reason(error: Exception) -> str:
