@@ -65,7 +65,10 @@ def test_s3_sink_writes_a_multipart_collection_with_its_members(
 
 def test_a_collection_of_no_feature_keeps_its_members(bucket: str, read_object: Callable[[str], bytes]) -> None:
     assert S3Sink(bucket, "out").write("empty", geojson.FeatureCollection([], bbox=BBOX))
-    assert read_object("out/empty.geojson") == b'{"type":"FeatureCollection","bbox":[-44.0,-24.0,-43.0,-23.0],"features":[]}'
+    assert (
+        read_object("out/empty.geojson")
+        == b'{"type":"FeatureCollection","bbox":[-44.0,-24.0,-43.0,-23.0],"features":[]}'
+    )
 
 
 @pytest.mark.anyio

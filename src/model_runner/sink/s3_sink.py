@@ -443,6 +443,16 @@ class S3Sink(Sink):
         """
         return self._sink.mode
 
+    def object_key(self, image_id: str) -> str:
+        """
+        The key an image's collection is written to.
+
+        :param image_id: The identifier of the image.
+        :return: ``prefix/<last segment of image_id>.geojson``, or ``.geojsonl`` for ``"geojsonseq"``.
+        :raises ValueError: If the image id has no last segment.
+        """
+        return self._sink.object_key(image_id)
+
     def write(
         self,
         image_id: str,
