@@ -7,35 +7,38 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import logging
 import os
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_futures
-from datetime import datetime
 from functools import partial
 from itertools import islice
-from typing import Any, TypeAlias, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from botocore.config import Config
 
 from model_runner.api import SinkMode
+from model_runner.sink import logs
 from model_runner.sink.async_s3_sink import AsyncS3Sink, ProgressCallback
+from model_runner.sink.credentials import Clock
 from model_runner.sink.encoding import FeatureSource
 from model_runner.sink.exceptions import SinkError
 from model_runner.sink.metrics import SinkMetrics
 from model_runner.sink.results import WriteResult
-from model_runner.sink.settings import SinkSettings
+from model_runner.sink.settings import ClientSettings, SinkSettings, resolve_client_settings
 from model_runner.sink.sink import Sink
+
+if TYPE_CHECKING:
+    import aioboto3
 
 __all__ = ["S3Sink", "logger"]
 
-logger = logging.getLogger(__name__)
+logger = logs.logger
 """Where both sinks log, as the seed did: each failed write at error level, each stored object at debug level."""
 
 T = TypeVar("T")
@@ -366,13 +369,16 @@ class S3Sink(Sink):
     :param bucket: The name of the S3 bucket.
     :param prefix: The prefix within the bucket where the files will be stored.
     :param assumed_role: Optional IAM role ARN to assume for accessing the bucket.
-    :param settings: Tuning and object options.
-    :param endpoint_url: S3 endpoint; by default the standard configuration (``AWS_ENDPOINT_URL_S3``...).
-    :param sts_endpoint_url: STS endpoint for ``assumed_role``; by default the standard configuration.
-    :param region_name: Region; by default ``AWS_REGION``, then the standard configuration, then us-east-1.
-    :param client_config: A botocore config merged over the sink's own.
-    :param clock: What time it is, for credential expiry; for tests and simulations.
+    :param settings: How each write encodes and uploads, and the options of the objects it writes.
+    :param client: What decides the S3 client (endpoints, region, retries, connections, byte budget, worker
+        threads, role session); see :class:`~model_runner.sink.settings.ClientSettings`.
+    :param session: An ``aioboto3.Session`` whose credentials, profile and region the sink uses; by default the
+        standard configuration.
     :param metrics: Hooks told of every write, part and retry; called on the sink's private loop thread.
+    :param clock: What time it is, for credential expiry; for tests and simulations.
+    :param deprecated: ``endpoint_url``, ``sts_endpoint_url``, ``region_name`` and ``client_config``, deprecated:
+        they are fields of ``client``.
+    :raises TypeError: If a deprecated keyword is also given in ``client``, or a keyword is unknown.
     """
 
     def __init__(
@@ -382,28 +388,35 @@ class S3Sink(Sink):
         assumed_role: str | None = None,
         *,
         settings: SinkSettings | None = None,
-        endpoint_url: str | None = None,
-        sts_endpoint_url: str | None = None,
-        region_name: str | None = None,
-        client_config: Config | None = None,
-        clock: Callable[[], datetime] | None = None,
+        client: ClientSettings | None = None,
+        session: aioboto3.Session | None = None,
         metrics: SinkMetrics | None = None,
+        clock: Clock | None = None,
+        **deprecated: Any,
     ) -> None:
+        # Resolved here rather than by AsyncS3Sink, so that a deprecation warning names this constructor's caller.
+        client = resolve_client_settings(client, settings or SinkSettings(), deprecated, stacklevel=2)
         self._sink = AsyncS3Sink(
             bucket,
             prefix,
             assumed_role,
             settings=settings,
-            endpoint_url=endpoint_url,
-            sts_endpoint_url=sts_endpoint_url,
-            region_name=region_name,
-            client_config=client_config,
-            clock=clock,
+            client=client,
+            session=session,
             metrics=metrics,
+            clock=clock,
         )
 
     def __repr__(self) -> str:
         return f"S3Sink(bucket={self.bucket!r}, prefix={self.prefix!r}, assumed_role={self.assumed_role!r})"
+
+    def __enter__(self) -> S3Sink:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
 
     @property
     def bucket(self) -> str:
@@ -421,8 +434,18 @@ class S3Sink(Sink):
         return self._sink.assumed_role
 
     @property
+    def client(self) -> ClientSettings:
+        """What decides the sink's S3 client."""
+        return self._sink.client
+
+    @property
+    def session(self) -> aioboto3.Session | None:
+        """The ``aioboto3.Session`` the sink was given, if any."""
+        return self._sink.session
+
+    @property
     def settings(self) -> SinkSettings:
-        """The sink's tuning and object options."""
+        """How each write encodes and uploads, and the options of the objects it writes."""
         return self._sink.settings
 
     @staticmethod
@@ -517,6 +540,37 @@ class S3Sink(Sink):
         """
         what = f"check of bucket {self.bucket}"
         return _shared_loop().call(what, _checked(timeout), self._sink.validate_s3_bucket)
+
+    def object_key(self, image_id: str) -> str:
+        """
+        The key an image's collection is written to.
+
+        :param image_id: The identifier of the image.
+        :return: ``prefix/<last segment of image_id>.geojson``.
+        :raises ValueError: If the image id has no last segment.
+        """
+        return self._sink.object_key(image_id)
+
+    def object_metadata(self, image_id: str, *, timeout: float | None = None) -> dict[str, str] | None:
+        """
+        The user metadata of an image's stored object, from one ``HeadObject``: what a resumed job compares.
+
+        :param image_id: The identifier of the image.
+        :param timeout: Seconds the request may take; `None` for no limit.
+        :return: The object's metadata (keys lower-cased by S3), or `None` if there is no such object.
+        :raises ClientError: If S3 refuses the request for another reason than a missing object.
+        :raises TimeoutError: If S3 did not answer within ``timeout``.
+        """
+        what = f"metadata of s3://{self.bucket}/{self.object_key(image_id)}"
+        return _shared_loop().call(what, _checked(timeout), self._sink.object_metadata, image_id)
+
+    def close(self) -> None:
+        """
+        Wait for this sink's writes still running (started from other threads) to end, their aborts included, for
+        at most ``CLOSE_WAIT_SECONDS``; ``with`` calls it. No close is needed otherwise: the private loop closes
+        its clients as the process exits.
+        """
+        _shared_loop().call(f"close of {self!r}", None, self._sink.aclose)
 
     def _write(
         self,
