@@ -88,7 +88,7 @@ def _check_session(session: object) -> None:
         raise TypeError(f"session must be an aioboto3.Session, not {type(session).__name__}")
 
 
-def is_unusable_bucket_error(error: ClientError) -> bool:
+def _is_unusable_bucket_error(error: ClientError) -> bool:
     """
     Tell whether S3 refused a request because the bucket is missing or forbidden.
 
@@ -238,7 +238,7 @@ class AsyncS3Sink(AsyncSink):
         try:
             await self.write_with_result(image_id, features, metadata=metadata, on_progress=on_progress)
         except ClientError as error:
-            if not is_unusable_bucket_error(error):
+            if not _is_unusable_bucket_error(error):
                 raise
             return False  # already logged at error level by write_with_result
         return True
@@ -352,7 +352,7 @@ class AsyncS3Sink(AsyncSink):
             try:
                 await shared.client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
             except ClientError as error:
-                if not is_unusable_bucket_error(error):
+                if not _is_unusable_bucket_error(error):
                     raise
                 logger.error("bucket %s does not exist or cannot be accessed: %s", self.bucket, error)
                 return False
