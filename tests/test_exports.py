@@ -16,7 +16,16 @@ import model_runner.sink as package
 MODULES = sorted(info.name for info in pkgutil.iter_modules(package.__path__))
 
 # The machinery under the sinks: their public names serve the other modules and the tests; the package exports none.
-INTERNAL_MODULES = {"budget", "connections", "credentials", "encoding", "endpoints", "responses", "upload"}
+INTERNAL_MODULES = {
+    "budget",
+    "connections",
+    "credentials",
+    "encoding",
+    "endpoints",
+    "loop_thread",
+    "responses",
+    "upload",
+}
 
 # Public names of the other modules that the package deliberately does not export, and why.
 INTERNAL = {

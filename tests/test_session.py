@@ -143,5 +143,5 @@ def test_sinks_share_a_client_per_session(bucket: str) -> None:
 def test_a_session_must_be_an_aioboto3_session() -> None:
     import boto3
 
-    with pytest.raises(TypeError, match="session must be an aioboto3.Session, not Session"):
+    with pytest.raises(TypeError, match=r"session must be an aioboto3\.Session, not Session"):
         AsyncS3Sink("bucket", "p", session=boto3.Session())

@@ -93,7 +93,9 @@ async def test_leaving_async_with_waits_for_a_cancelled_write_to_abort(
 ) -> None:
     proxy.add_rule(Rule({"UploadPart"}, "delay", delay=30))
     proxy.add_rule(Rule({"AbortMultipartUpload"}, "delay", delay=1.0))
-    async with AsyncS3Sink(bucket, "aclose", client=ClientSettings(endpoint_url=proxy.url), settings=SMALL_PARTS) as sink:
+    async with AsyncS3Sink(
+        bucket, "aclose", client=ClientSettings(endpoint_url=proxy.url), settings=SMALL_PARTS
+    ) as sink:
         write = asyncio.create_task(sink.write("cancelled", multipart_features))
         await until_in_flight(proxy, "UploadPart")
         write.cancel()

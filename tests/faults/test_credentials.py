@@ -63,7 +63,9 @@ async def test_100_concurrent_writes_on_fresh_sinks_make_one_assume_role_call(pr
 
 
 def test_sync_and_async_sinks_share_credentials_one_fetch_per_event_loop(proxy: FaultProxy, bucket: str) -> None:
-    sync_sinks = [S3Sink(bucket, f"sync-{i}", ROLE, client=ClientSettings(sts_endpoint_url=proxy.url)) for i in range(3)]
+    sync_sinks = [
+        S3Sink(bucket, f"sync-{i}", ROLE, client=ClientSettings(sts_endpoint_url=proxy.url)) for i in range(3)
+    ]
     for i, sink in enumerate(sync_sinks * 3):
         assert sink.write(f"image-{i}", FEATURES)
     # Every S3Sink runs on the one private loop: one fetch for all of them, whatever thread calls.
@@ -151,7 +153,12 @@ async def test_no_credential_appears_in_logs_reprs_or_errors(
     caplog.set_level(logging.DEBUG, logger="model_runner")
     sink = role_sink(proxy, bucket)
     assert await sink.write("image", FEATURES)
-    assert await AsyncS3Sink("missing-bucket-for-role", "p", ROLE, client=ClientSettings(sts_endpoint_url=proxy.url)).write("x", []) is False
+    assert (
+        await AsyncS3Sink(
+            "missing-bucket-for-role", "p", ROLE, client=ClientSettings(sts_endpoint_url=proxy.url)
+        ).write("x", [])
+        is False
+    )
     body = proxy.query_bodies("AssumeRole")[0].decode()
     secrets = [
         re.search(rf"<{name}>([^<]+)</{name}>", body).group(1)  # type: ignore[union-attr]
@@ -161,9 +168,7 @@ async def test_no_credential_appears_in_logs_reprs_or_errors(
     with pytest.raises(InvalidAssumedRoleException) as raised:
         await AsyncS3Sink(
             bucket, "p", "arn:aws:iam::123456789012:role/other", client=ClientSettings(sts_endpoint_url=proxy.url)
-        ).write(
-            "x", []
-        )
+        ).write("x", [])
     seen = "\n".join([caplog.text, repr(sink), str(sink), str(raised.value), repr(raised.value)])
     assert caplog.records
     for secret in [*secrets, "testing"]:

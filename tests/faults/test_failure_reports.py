@@ -34,7 +34,9 @@ async def test_retried_requests_reach_the_hooks_and_the_result(
 ) -> None:
     proxy.add_rule(Rule({operation}, "slowdown", times=1))
     metrics = Retries()
-    sink = AsyncS3Sink(bucket, "retried", client=ClientSettings(endpoint_url=proxy.url), settings=MULTIPART, metrics=metrics)
+    sink = AsyncS3Sink(
+        bucket, "retried", client=ClientSettings(endpoint_url=proxy.url), settings=MULTIPART, metrics=metrics
+    )
     result = await sink.write_with_result("image", synthetic_detections(count))
     assert metrics.seen == [(operation, 1)]
     assert result.retries == 1
