@@ -32,7 +32,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from model_runner.sink import AsyncS3Sink, S3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink, SinkSettings
 from model_runner.sink.async_s3_sink import object_key
 from model_runner.sink.results import WriteResult
 
@@ -277,7 +277,7 @@ class SeedContender(Contender):
         return self.sink.bytes_written - before
 
 
-def _client_config(settings: SinkSettings) -> Config:
+def _client_config(settings: ClientSettings) -> Config:
     # As AsyncS3Sink configures its client: no SHA-256 of bodies over plain HTTP, checksums only if required.
     return Config(
         max_pool_connections=settings.max_pool_connections,
@@ -313,7 +313,7 @@ class FloorContender(Contender):
     async def __aenter__(self) -> FloorContender:
         session = AioSession()
         self._client = await self._stack.enter_async_context(
-            session.create_client("s3", config=_client_config(self.settings))
+            session.create_client("s3", config=_client_config(ClientSettings()))
         )
         return self
 

@@ -14,7 +14,7 @@ from aiobotocore.session import get_session
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink.budget import ByteBudget
 from model_runner.sink.encoding import encode_collection
-from model_runner.sink.settings import MiB, SinkSettings
+from model_runner.sink.settings import ClientSettings, MiB, SinkSettings
 from model_runner.sink.upload import upload_object
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -42,8 +42,9 @@ class Holdings:
 
 
 async def test_30_small_writes_sharing_a_4_mib_budget_hold_no_more_than_its_bound(bucket: str, s3: Any) -> None:
-    settings = SinkSettings(max_bytes_in_flight=4 * MiB)
-    budget = ByteBudget(settings.max_bytes_in_flight)
+    settings = SinkSettings()
+    limit = ClientSettings(max_bytes_in_flight=4 * MiB).max_bytes_in_flight
+    budget = ByteBudget(limit)
     holdings = Holdings(budget)
     collections = {f"image-{i}": list(synthetic_detections(5000, seed=i)) for i in range(WRITES)}
 
@@ -61,9 +62,9 @@ async def test_30_small_writes_sharing_a_4_mib_budget_hold_no_more_than_its_boun
         stored = s3.get_object(Bucket=bucket, Key=f"held/{image_id}.geojson")["Body"].read()
         assert stored == orjson.dumps({"type": "FeatureCollection", "features": features})
     body = len(stored)
-    assert settings.max_bytes_in_flight < 2 * body < settings.multipart_threshold
+    assert limit < 2 * body < settings.multipart_threshold
     # Each write holds, besides what the budget counts, at most the one chunk it is waiting with.
     assert holdings.most_uncounted <= WRITES * holdings.largest_chunk
     # The documented bound: the limit plus one body, under the threshold here, and one chunk.
-    assert budget.peak <= settings.max_bytes_in_flight + settings.multipart_threshold + holdings.largest_chunk
+    assert budget.peak <= limit + settings.multipart_threshold + holdings.largest_chunk
     assert budget.used == 0

@@ -28,14 +28,12 @@ from botocore.loaders import Loader
 from tls import ConnectProxy, TlsMotoServer
 
 from model_runner.cli.moto_server import MotoServer
-from model_runner.sink import AsyncS3Sink, SinkSettings, clients
+from model_runner.sink import AsyncS3Sink, ClientSettings, clients
 from model_runner.sink.clients import ClientOptions, shared_client
 from model_runner.sink.connections import SharedTlsSession
 from model_runner.sink.endpoints import unread_parameters
 
 FEATURES = [{"type": "Feature", "geometry": None, "properties": {"n": n}} for n in range(3)]
-# One attempt: a refused certificate fails at once instead of after botocore's retries.
-ONE_ATTEMPT = SinkSettings(max_attempts=1)
 TLS_BUCKET = "mrs-tls-bucket"
 
 
@@ -56,7 +54,9 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer
 
 
 def _write(endpoint_url: str, client_config: Config | None = None) -> bool:
-    sink = AsyncS3Sink(TLS_BUCKET, "tls", endpoint_url=endpoint_url, settings=ONE_ATTEMPT, client_config=client_config)
+    # One attempt: a refused certificate fails at once instead of after botocore's retries.
+    client = ClientSettings(endpoint_url=endpoint_url, max_attempts=1, client_config=client_config)
+    sink = AsyncS3Sink(TLS_BUCKET, "tls", client=client)
     # A loop of its own, so each write makes its client, as a process writing now and then does.
     return asyncio.run(sink.write("image", FEATURES))
 
@@ -112,7 +112,7 @@ _OBSERVE = """
 import asyncio, json, sys, threading
 from botocore.config import Config
 from model_runner.cli.moto_server import MotoServer
-from model_runner.sink import AsyncS3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings
 
 WATCHED = {"load_verify_locations", "_register_builtin_handlers", "_create_client_class", "_load_file"}
 calls = []
@@ -126,8 +126,8 @@ sys.setprofile(hook)
 threading.setprofile(hook)
 
 async def write(client_config):
-    sink = AsyncS3Sink("BUCKET", "p", endpoint_url="URL", settings=SinkSettings(max_attempts=1),
-                       client_config=client_config)
+    client = ClientSettings(endpoint_url="URL", max_attempts=1, client_config=client_config)
+    sink = AsyncS3Sink("BUCKET", "p", client=client)
     assert await sink.write("image", [{"type": "Feature", "geometry": None, "properties": {}}])
 
 before = set(sys.modules)
@@ -229,7 +229,7 @@ def test_unread_parameters() -> None:
 async def test_client_config_keeps_the_shared_tls_session(
     moto_server: MotoServer, client_config: Config | None
 ) -> None:
-    options = ClientOptions(settings=SinkSettings(), client_config=client_config)
+    options = ClientOptions(client=ClientSettings(client_config=client_config))
     async with shared_client(options) as shared:
         session = shared.client._endpoint.http_session
         assert isinstance(session, SharedTlsSession)

@@ -16,13 +16,13 @@ import pytest
 
 import model_runner.sink as sink_package
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, SinkSettings, clients
+from model_runner.sink import AsyncS3Sink, ClientSettings, clients
 
 pytestmark = pytest.mark.timeout(120)
 
 ROLE_ARN = "arn:aws:iam::123456789012:role/model-runner-writer"
 FEATURES = list(synthetic_detections(20, seed=3))
-SETTINGS = SinkSettings()
+SETTINGS = ClientSettings()
 
 
 class FakeClient:

@@ -15,7 +15,7 @@ import pytest
 from botocore.exceptions import BotoCoreError
 
 from model_runner.cli.moto_server import MotoServer
-from model_runner.sink import AsyncS3Sink, S3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,7 +55,7 @@ def test_construction_does_no_network_io(
         S3Sink("results-bucket", "out", ROLE_ARN),
         AsyncS3Sink("results-bucket", "out"),
         AsyncS3Sink("results-bucket", "out", ROLE_ARN),
-        AsyncS3Sink("results-bucket", "out", endpoint_url=url_of(listener)),
+        AsyncS3Sink("results-bucket", "out", client=ClientSettings(endpoint_url=url_of(listener))),
     ]
     assert [str(sink) for sink in sinks] == ["S3 AGGREGATE"] * len(sinks)
     with pytest.raises(BlockingIOError):
@@ -66,7 +66,7 @@ def test_async_write_uses_the_endpoint_from_the_environment(
     moto_server: MotoServer, listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url_of(listener))
-    sink = AsyncS3Sink("results-bucket", "out", settings=SinkSettings(max_attempts=1))
+    sink = AsyncS3Sink("results-bucket", "out", client=ClientSettings(max_attempts=1))
     with pytest.raises(BlockingIOError):
         listener.accept()
     outcome: list[BaseException | bool] = []
@@ -106,14 +106,14 @@ def test_sync_sink_construction_and_failing_write(subprocess_environment: dict[s
         """
         import os, socket, sys
         from botocore.exceptions import BotoCoreError
-        from model_runner.sink import S3Sink, SinkSettings
+        from model_runner.sink import ClientSettings, S3Sink
 
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
         listener.setblocking(False)
         os.environ["AWS_ENDPOINT_URL_S3"] = "http://127.0.0.1:%d" % listener.getsockname()[1]
-        sink = S3Sink("results-bucket", "out", settings=SinkSettings(max_attempts=1))
+        sink = S3Sink("results-bucket", "out", client=ClientSettings(max_attempts=1))
         try:
             listener.accept()
         except BlockingIOError:
@@ -145,7 +145,7 @@ def test_endpoint_url_keyword_beats_environment(
     bucket: str, moto_server: MotoServer, closed_port_url: str, monkeypatch: pytest.MonkeyPatch, s3: Any
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", closed_port_url)
-    sink = S3Sink(bucket, "kw", endpoint_url=moto_server.endpoint_url)
+    sink = S3Sink(bucket, "kw", client=ClientSettings(endpoint_url=moto_server.endpoint_url))
     assert sink.validate_s3_bucket() is True
     assert sink.write("scene", []) is True
     assert s3.head_object(Bucket=bucket, Key="kw/scene.geojson")["ContentLength"] > 0
@@ -160,14 +160,17 @@ async def test_async_endpoint_url_keyword_beats_environment(
     read_object: Callable[[str], bytes],
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", closed_port_url)
-    async with AsyncS3Sink(bucket, "kw", endpoint_url=moto_server.endpoint_url) as sink:
+    # The deprecated keyword, as the README documented it, still works.
+    with pytest.warns(DeprecationWarning, match=r"client=ClientSettings\(endpoint_url=\.\.\.\)"):
+        sink = AsyncS3Sink(bucket, "kw", endpoint_url=moto_server.endpoint_url)
+    async with sink:
         assert await sink.validate_s3_bucket() is True
         assert await sink.write("scene", []) is True
     assert read_object("kw/scene.geojson") == b'{"type":"FeatureCollection","features":[]}'
 
 
 def test_endpoint_url_keyword_reaches_the_given_endpoint(bucket: str, closed_port_url: str) -> None:
-    sink = S3Sink(bucket, "kw", endpoint_url=closed_port_url, settings=SinkSettings(max_attempts=1))
+    sink = S3Sink(bucket, "kw", client=ClientSettings(endpoint_url=closed_port_url, max_attempts=1))
     with pytest.raises(BotoCoreError):
         sink.write("scene", [])
 
@@ -177,7 +180,10 @@ async def test_async_endpoint_url_keyword_reaches_the_given_endpoint(
     bucket: str,
     closed_port_url: str,
 ) -> None:
-    settings = SinkSettings(max_attempts=1)
-    async with AsyncS3Sink(bucket, "kw", endpoint_url=closed_port_url, settings=settings) as sink:
+    # The deprecated keyword is folded into the client settings given beside it.
+    with pytest.warns(DeprecationWarning):
+        sink = AsyncS3Sink(bucket, "kw", endpoint_url=closed_port_url, client=ClientSettings(max_attempts=1))
+    assert sink.client == ClientSettings(endpoint_url=closed_port_url, max_attempts=1)
+    async with sink:
         with pytest.raises(BotoCoreError):
             await sink.validate_s3_bucket()

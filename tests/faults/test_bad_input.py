@@ -17,7 +17,7 @@ import pytest
 from bad_inputs import NOT_COLLECTIONS
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, FeatureEncodingError, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 
 from .proxy import FaultProxy
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
 
 def sink(proxy: FaultProxy, bucket: str, **options: Any) -> AsyncS3Sink:
-    return AsyncS3Sink(bucket, "input", endpoint_url=proxy.url, **options)
+    return AsyncS3Sink(bucket, "input", client=ClientSettings(endpoint_url=proxy.url), **options)
 
 
 @pytest.mark.parametrize("image_id", ["", "a/b/", "/", "s3://bucket/folder/"])

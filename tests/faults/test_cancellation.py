@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, SinkSettings
 from model_runner.sink.settings import MiB
 
 from .proxy import FaultProxy, Rule
@@ -125,7 +125,7 @@ if sys.version_info >= (3, 11):
 
 
 def sink(proxy: FaultProxy, bucket: str, settings: SinkSettings = PARTS) -> AsyncS3Sink:
-    return AsyncS3Sink(bucket, "cancelled", endpoint_url=proxy.url, settings=settings)
+    return AsyncS3Sink(bucket, "cancelled", client=ClientSettings(endpoint_url=proxy.url), settings=settings)
 
 
 def uploads(s3: Any, bucket: str) -> list[dict[str, Any]]:

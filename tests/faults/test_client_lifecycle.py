@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, SinkSettings
 from model_runner.sink.settings import MiB
 
 from .proxy import FaultProxy, Rule
@@ -50,7 +50,7 @@ def test_a_loop_ending_during_a_multipart_write_aborts_it_and_leaves_no_session_
     proxy.add_rule(Rule({"UploadPart"}, "delay", delay=0.5))
     # An abort takes a round trip: the client must stay open until its answer.
     proxy.add_rule(Rule({"AbortMultipartUpload"}, "delay", delay=0.5))
-    sink = AsyncS3Sink(bucket, "shutdown", endpoint_url=proxy.url, settings=SMALL_PARTS)
+    sink = AsyncS3Sink(bucket, "shutdown", client=ClientSettings(endpoint_url=proxy.url), settings=SMALL_PARTS)
     writes: list[asyncio.Task[bool]] = []
 
     async def main() -> None:
@@ -78,7 +78,7 @@ def test_a_loop_ending_during_a_multipart_write_aborts_it_and_leaves_no_session_
 @pytest.mark.anyio
 async def test_aclose_waits_for_a_write_in_flight(proxy: FaultProxy, bucket: str, s3: Any) -> None:
     proxy.add_rule(Rule({"PutObject"}, "delay", delay=1.0))
-    sink = AsyncS3Sink(bucket, "aclose", endpoint_url=proxy.url)
+    sink = AsyncS3Sink(bucket, "aclose", client=ClientSettings(endpoint_url=proxy.url))
     write = asyncio.create_task(sink.write("scene", list(synthetic_detections(50, seed=1))))
     await until_in_flight(proxy, "PutObject")
     await sink.aclose()
@@ -93,7 +93,9 @@ async def test_leaving_async_with_waits_for_a_cancelled_write_to_abort(
 ) -> None:
     proxy.add_rule(Rule({"UploadPart"}, "delay", delay=30))
     proxy.add_rule(Rule({"AbortMultipartUpload"}, "delay", delay=1.0))
-    async with AsyncS3Sink(bucket, "aclose", endpoint_url=proxy.url, settings=SMALL_PARTS) as sink:
+    async with AsyncS3Sink(
+        bucket, "aclose", client=ClientSettings(endpoint_url=proxy.url), settings=SMALL_PARTS
+    ) as sink:
         write = asyncio.create_task(sink.write("cancelled", multipart_features))
         await until_in_flight(proxy, "UploadPart")
         write.cancel()

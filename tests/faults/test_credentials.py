@@ -6,6 +6,7 @@ STS is reached through the fault proxy, which counts the AssumeRole calls and ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 from datetime import datetime, timedelta, timezone
@@ -17,7 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, S3Sink
+from model_runner.sink import AsyncS3Sink, ClientSettings, InvalidAssumedRoleException, S3Sink
 
 from .proxy import FaultProxy, Rule
 
@@ -37,9 +38,12 @@ class Clock:
         return datetime.now(timezone.utc) + self.offset
 
 
-def role_sink(proxy: FaultProxy, bucket: str, prefix: str = "role", **options: Any) -> AsyncS3Sink:
+def role_sink(
+    proxy: FaultProxy, bucket: str, prefix: str = "role", client: ClientSettings | None = None, **options: Any
+) -> AsyncS3Sink:
     # S3 goes straight to moto through the standard variables; only STS goes through the proxy.
-    return AsyncS3Sink(bucket, prefix, ROLE, sts_endpoint_url=proxy.url, **options)
+    client = dataclasses.replace(client or ClientSettings(), sts_endpoint_url=proxy.url)
+    return AsyncS3Sink(bucket, prefix, ROLE, client=client, **options)
 
 
 async def test_55_writes_over_4_sinks_make_one_assume_role_call(proxy: FaultProxy, bucket: str, s3: Any) -> None:
@@ -59,7 +63,9 @@ async def test_100_concurrent_writes_on_fresh_sinks_make_one_assume_role_call(pr
 
 
 def test_sync_and_async_sinks_share_credentials_one_fetch_per_event_loop(proxy: FaultProxy, bucket: str) -> None:
-    sync_sinks = [S3Sink(bucket, f"sync-{i}", ROLE, sts_endpoint_url=proxy.url) for i in range(3)]
+    sync_sinks = [
+        S3Sink(bucket, f"sync-{i}", ROLE, client=ClientSettings(sts_endpoint_url=proxy.url)) for i in range(3)
+    ]
     for i, sink in enumerate(sync_sinks * 3):
         assert sink.write(f"image-{i}", FEATURES)
     # Every S3Sink runs on the one private loop: one fetch for all of them, whatever thread calls.
@@ -90,10 +96,8 @@ async def test_credentials_near_expiry_are_refreshed_on_the_next_write(
 
 
 async def test_refresh_window_is_configurable(proxy: FaultProxy, bucket: str) -> None:
-    from model_runner.sink import SinkSettings
-
     clock = proxy.sts_clock = Clock()
-    sink = role_sink(proxy, bucket, clock=clock, settings=SinkSettings(credential_refresh_seconds=1800))
+    sink = role_sink(proxy, bucket, clock=clock, client=ClientSettings(credential_refresh_seconds=1800))
     assert await sink.write("first", FEATURES)
     clock.offset = timedelta(minutes=35)
     assert await sink.write("second", FEATURES)
@@ -119,7 +123,7 @@ async def test_validate_s3_bucket_raises_for_a_denied_role(proxy: FaultProxy, bu
 @pytest.mark.parametrize("arn", ["not-an-arn", "arn:aws:iam::12:role/x", "arn:aws:s3:::bucket", ""])
 async def test_a_malformed_role_arn_raises_before_any_request(proxy: FaultProxy, bucket: str, arn: str) -> None:
     with pytest.raises(InvalidAssumedRoleException) as raised:
-        await AsyncS3Sink(bucket, "p", arn, sts_endpoint_url=proxy.url).write("x", FEATURES)
+        await AsyncS3Sink(bucket, "p", arn, client=ClientSettings(sts_endpoint_url=proxy.url)).write("x", FEATURES)
     assert raised.value.role_arn == arn
     assert proxy.log == []
 
@@ -133,10 +137,8 @@ async def test_the_sts_endpoint_comes_from_the_standard_variable(
 
 
 async def test_the_role_session_name_and_duration_are_sent(proxy: FaultProxy, bucket: str) -> None:
-    from model_runner.sink import SinkSettings
-
-    settings = SinkSettings(role_session_name="inference-7", role_duration_seconds=1800)
-    assert await role_sink(proxy, bucket, settings=settings).write("image", FEATURES)
+    client = ClientSettings(role_session_name="inference-7", role_duration_seconds=1800)
+    assert await role_sink(proxy, bucket, client=client).write("image", FEATURES)
     body = proxy.query_bodies("AssumeRole")[0].decode()
     assert "inference-7" in body
     expiration = re.search(r"<Expiration>([^<]+)</Expiration>", body)
@@ -151,7 +153,12 @@ async def test_no_credential_appears_in_logs_reprs_or_errors(
     caplog.set_level(logging.DEBUG, logger="model_runner")
     sink = role_sink(proxy, bucket)
     assert await sink.write("image", FEATURES)
-    assert await AsyncS3Sink("missing-bucket-for-role", "p", ROLE, sts_endpoint_url=proxy.url).write("x", []) is False
+    assert (
+        await AsyncS3Sink(
+            "missing-bucket-for-role", "p", ROLE, client=ClientSettings(sts_endpoint_url=proxy.url)
+        ).write("x", [])
+        is False
+    )
     body = proxy.query_bodies("AssumeRole")[0].decode()
     secrets = [
         re.search(rf"<{name}>([^<]+)</{name}>", body).group(1)  # type: ignore[union-attr]
@@ -159,9 +166,9 @@ async def test_no_credential_appears_in_logs_reprs_or_errors(
     ]
     proxy.add_rule(Rule({"AssumeRole"}, "refuse", status=403, code="AccessDenied"))
     with pytest.raises(InvalidAssumedRoleException) as raised:
-        await AsyncS3Sink(bucket, "p", "arn:aws:iam::123456789012:role/other", sts_endpoint_url=proxy.url).write(
-            "x", []
-        )
+        await AsyncS3Sink(
+            bucket, "p", "arn:aws:iam::123456789012:role/other", client=ClientSettings(sts_endpoint_url=proxy.url)
+        ).write("x", [])
     seen = "\n".join([caplog.text, repr(sink), str(sink), str(raised.value), repr(raised.value)])
     assert caplog.records
     for secret in [*secrets, "testing"]:
@@ -187,9 +194,8 @@ async def test_credentials_expiring_mid_upload_are_refreshed_and_the_upload_comp
     proxy.add_rule(Rule({"UploadPart"}, "delay", delay=0.3))
     settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_parts_in_flight=1)
     features = list(synthetic_detections(30_000, seed=8))
-    sink = AsyncS3Sink(
-        bucket, "mid", ROLE, endpoint_url=proxy.url, sts_endpoint_url=proxy.url, settings=settings, clock=clock
-    )
+    client = ClientSettings(endpoint_url=proxy.url, sts_endpoint_url=proxy.url)
+    sink = AsyncS3Sink(bucket, "mid", ROLE, client=client, settings=settings, clock=clock)
     async with anyio.create_task_group() as group:
         group.start_soon(sink.write_with_result, "image", features)
         while proxy.count("UploadPart") < 1:  # noqa: ASYNC110 - the proxy counts in its own thread
@@ -241,7 +247,9 @@ async def test_sts_failing_near_expiry_keeps_the_current_credentials_until_they_
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="model_runner")
     clock = proxy.sts_clock = Clock()
-    sink = AsyncS3Sink(bucket, "outage", ROLE, endpoint_url=proxy.url, sts_endpoint_url=proxy.url, clock=clock)
+    sink = AsyncS3Sink(
+        bucket, "outage", ROLE, client=ClientSettings(endpoint_url=proxy.url, sts_endpoint_url=proxy.url), clock=clock
+    )
     assert await sink.write("before", FEATURES)
     rule = proxy.add_rule(STS_FAULTS[fault])
     # Inside the 10-minute window where botocore raises every refresh failure, then a minute before expiry.
@@ -318,9 +326,8 @@ def multipart_role_sink(proxy: FaultProxy, bucket: str, clock: Clock) -> AsyncS3
     # One slow part at a time, so that STS can fail and the clock move while the upload is under way.
     proxy.add_rule(Rule({"UploadPart"}, "delay", delay=0.3))
     settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_parts_in_flight=1)
-    return AsyncS3Sink(
-        bucket, "mid", ROLE, endpoint_url=proxy.url, sts_endpoint_url=proxy.url, settings=settings, clock=clock
-    )
+    client = ClientSettings(endpoint_url=proxy.url, sts_endpoint_url=proxy.url)
+    return AsyncS3Sink(bucket, "mid", ROLE, client=client, settings=settings, clock=clock)
 
 
 async def wait_for(proxy: FaultProxy, operation: str, count: int) -> None:
@@ -409,10 +416,8 @@ async def test_credentials_expiring_mid_upload_while_sts_is_down_fail_the_write_
 
 
 async def test_short_lived_credentials_are_refreshed_only_near_expiry(proxy: FaultProxy, bucket: str) -> None:
-    from model_runner.sink import SinkSettings
-
     clock = proxy.sts_clock = Clock()
-    sink = role_sink(proxy, bucket, clock=clock, settings=SinkSettings(role_duration_seconds=900))
+    sink = role_sink(proxy, bucket, clock=clock, client=ClientSettings(role_duration_seconds=900))
     for i in range(5):
         assert await sink.write(f"image-{i}", FEATURES)
     assert proxy.count("AssumeRole") == 1
@@ -430,18 +435,15 @@ async def test_short_lived_credentials_are_refreshed_only_near_expiry(proxy: Fau
 def test_an_explicit_refresh_window_over_half_the_credentials_life_is_refused(
     duration: int, refresh_seconds: int
 ) -> None:
-    from model_runner.sink import SinkSettings
-
     with pytest.raises(ValueError, match="half of role_duration_seconds"):
-        SinkSettings(role_duration_seconds=duration, credential_refresh_seconds=refresh_seconds)
+        ClientSettings(role_duration_seconds=duration, credential_refresh_seconds=refresh_seconds)
 
 
 def test_the_refresh_window_is_derived_from_the_duration_unless_given() -> None:
-    from model_runner.sink import SinkSettings
     from model_runner.sink.credentials import refresh_windows
 
-    assert SinkSettings().credential_refresh_seconds is None
-    assert SinkSettings(role_duration_seconds=900, credential_refresh_seconds=450).credential_refresh_seconds == 450
+    assert ClientSettings().credential_refresh_seconds is None
+    assert ClientSettings(role_duration_seconds=900, credential_refresh_seconds=450).credential_refresh_seconds == 450
     assert refresh_windows(3600) == (600, 900)
     assert refresh_windows(900) == (225, 450)
     assert refresh_windows(43200) == (600, 900)

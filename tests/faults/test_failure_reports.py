@@ -10,7 +10,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, SinkMetrics, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, SinkMetrics, SinkSettings
 from model_runner.sink.settings import MiB
 
 from .proxy import FaultProxy, Rule
@@ -34,7 +34,9 @@ async def test_retried_requests_reach_the_hooks_and_the_result(
 ) -> None:
     proxy.add_rule(Rule({operation}, "slowdown", times=1))
     metrics = Retries()
-    sink = AsyncS3Sink(bucket, "retried", endpoint_url=proxy.url, settings=MULTIPART, metrics=metrics)
+    sink = AsyncS3Sink(
+        bucket, "retried", client=ClientSettings(endpoint_url=proxy.url), settings=MULTIPART, metrics=metrics
+    )
     result = await sink.write_with_result("image", synthetic_detections(count))
     assert metrics.seen == [(operation, 1)]
     assert result.retries == 1
@@ -43,8 +45,8 @@ async def test_retried_requests_reach_the_hooks_and_the_result(
 async def test_retries_of_a_request_that_failed_at_last_are_told_too(proxy: FaultProxy, bucket: str) -> None:
     proxy.add_rule(Rule({"PutObject"}, "refuse", status=503, code="SlowDown"))
     metrics = Retries()
-    settings = SinkSettings(max_attempts=3)
-    sink = AsyncS3Sink(bucket, "retried", endpoint_url=proxy.url, settings=settings, metrics=metrics)
+    client = ClientSettings(endpoint_url=proxy.url, max_attempts=3)
+    sink = AsyncS3Sink(bucket, "retried", client=client, metrics=metrics)
     with pytest.raises(ClientError):
         await sink.write("image", synthetic_detections(3))
     assert metrics.seen == [("PutObject", 2)]
@@ -54,7 +56,7 @@ async def test_a_failed_write_is_logged_at_error_with_the_s3_code_and_request_id
     proxy: FaultProxy, bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy.add_rule(Rule({"PutObject"}, "refuse", status=500, code="InternalError"))
-    sink = AsyncS3Sink(bucket, "failed", endpoint_url=proxy.url, settings=SinkSettings(max_attempts=1))
+    sink = AsyncS3Sink(bucket, "failed", client=ClientSettings(endpoint_url=proxy.url, max_attempts=1))
     with caplog.at_level(logging.DEBUG), pytest.raises(ClientError) as raised:
         await sink.write("image", synthetic_detections(5))
     request_id = raised.value.response["ResponseMetadata"]["RequestId"]

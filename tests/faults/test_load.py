@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, S3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink, SinkSettings
 from model_runner.sink.budget import ByteBudget
 from model_runner.sink.settings import MiB
 
@@ -32,7 +32,7 @@ async def test_1000_concurrent_writes_on_one_sink_use_bounded_connections(
     proxy: FaultProxy, bucket: str, s3: Any
 ) -> None:
     collections = {f"image-{i}": list(synthetic_detections(1 + i % 7, seed=i)) for i in range(1000)}
-    sink = AsyncS3Sink(bucket, "load", endpoint_url=proxy.url, settings=SinkSettings(max_pool_connections=8))
+    sink = AsyncS3Sink(bucket, "load", client=ClientSettings(endpoint_url=proxy.url, max_pool_connections=8))
     async with anyio.create_task_group() as group:
         for image_id, features in collections.items():
             group.start_soon(sink.write, image_id, features)
@@ -44,9 +44,10 @@ async def test_1000_concurrent_writes_on_one_sink_use_bounded_connections(
 
 async def test_bytes_in_flight_are_bounded_across_the_writes_of_a_sink(proxy: FaultProxy, bucket: str, s3: Any) -> None:
     # Room for one 5 MiB part at a time across four concurrent multipart writes (their short last parts may share).
-    settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_bytes_in_flight=5 * MiB)
+    settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB)
+    client = ClientSettings(endpoint_url=proxy.url, max_bytes_in_flight=5 * MiB)
     collections = {f"big-{i}": list(synthetic_detections(12_000, seed=i)) for i in range(4)}
-    sink = AsyncS3Sink(bucket, "bounded", endpoint_url=proxy.url, settings=settings)
+    sink = AsyncS3Sink(bucket, "bounded", client=client, settings=settings)
     async with anyio.create_task_group() as group:
         for image_id, features in collections.items():
             group.start_soon(sink.write, image_id, features)
@@ -58,7 +59,7 @@ async def test_bytes_in_flight_are_bounded_across_the_writes_of_a_sink(proxy: Fa
 
 
 def test_16_threads_hammering_one_s3_sink_store_every_object(proxy: FaultProxy, bucket: str, s3: Any) -> None:
-    sink = S3Sink(bucket, "threads", endpoint_url=proxy.url, settings=SinkSettings(max_pool_connections=8))
+    sink = S3Sink(bucket, "threads", client=ClientSettings(endpoint_url=proxy.url, max_pool_connections=8))
     errors: list[BaseException] = []
 
     def hammer(thread: int) -> None:

@@ -8,7 +8,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, SinkSettings
 from model_runner.sink.settings import MiB
 
 from .proxy import FaultProxy, Rule
@@ -20,7 +20,7 @@ MULTIPART = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, expecte
 
 
 async def test_the_expected_bucket_owner_is_on_every_request_of_a_write(proxy: FaultProxy, bucket: str) -> None:
-    sink = AsyncS3Sink(bucket, "owned", endpoint_url=proxy.url, settings=MULTIPART)
+    sink = AsyncS3Sink(bucket, "owned", client=ClientSettings(endpoint_url=proxy.url), settings=MULTIPART)
     assert await sink.validate_s3_bucket()
     assert await sink.write("small", list(synthetic_detections(10)))
     assert await sink.write("large", list(synthetic_detections(15_000)))
@@ -32,9 +32,10 @@ async def test_the_expected_bucket_owner_is_on_every_request_of_a_write(proxy: F
 
 async def test_the_expected_bucket_owner_is_on_the_abort_too(proxy: FaultProxy, bucket: str, s3: Any) -> None:
     proxy.add_rule(Rule({"UploadPart"}, "refuse", status=500, code="InternalError"))
-    settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, expected_bucket_owner=OWNER, max_attempts=1)
+    settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, expected_bucket_owner=OWNER)
+    client = ClientSettings(endpoint_url=proxy.url, max_attempts=1)
     with pytest.raises(ClientError):
-        await AsyncS3Sink(bucket, "owned", endpoint_url=proxy.url, settings=settings).write(
+        await AsyncS3Sink(bucket, "owned", client=client, settings=settings).write(
             "aborted", list(synthetic_detections(15_000))
         )
     assert ("AbortMultipartUpload", OWNER) in proxy.header_values("x-amz-expected-bucket-owner")
@@ -42,7 +43,7 @@ async def test_the_expected_bucket_owner_is_on_the_abort_too(proxy: FaultProxy, 
 
 
 async def test_without_an_expected_owner_no_such_header_is_sent(proxy: FaultProxy, bucket: str) -> None:
-    assert await AsyncS3Sink(bucket, "any", endpoint_url=proxy.url).write("image", [])
+    assert await AsyncS3Sink(bucket, "any", client=ClientSettings(endpoint_url=proxy.url)).write("image", [])
     assert {value for _, value in proxy.header_values("x-amz-expected-bucket-owner")} == {None}
 
 

@@ -14,7 +14,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, FeatureEncodingError, S3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, FeatureEncodingError, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 
 from .proxy import FaultProxy, Rule
@@ -40,8 +40,11 @@ def assert_nothing_left(s3: Any, bucket: str) -> None:
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
 
 
-def sink_through(proxy: FaultProxy, bucket: str, settings: SinkSettings = SMALL_PARTS) -> AsyncS3Sink:
-    return AsyncS3Sink(bucket, "faults", endpoint_url=proxy.url, settings=settings)
+def sink_through(
+    proxy: FaultProxy, bucket: str, settings: SinkSettings = SMALL_PARTS, max_attempts: int | None = None
+) -> AsyncS3Sink:
+    client = ClientSettings(endpoint_url=proxy.url, max_attempts=max_attempts)
+    return AsyncS3Sink(bucket, "faults", client=client, settings=settings)
 
 
 async def test_flaky_network_every_write_stores_the_exact_collection(
@@ -52,7 +55,7 @@ async def test_flaky_network_every_write_stores_the_exact_collection(
     proxy.add_rule(Rule(None, "reset", probability=0.05))
     proxy.add_rule(Rule(puts, "error500_after", probability=0.05))
     # Each attempt fails a quarter of the time here: ten attempts make a lost write a one-in-a-million event.
-    sink = sink_through(proxy, bucket, SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_attempts=10))
+    sink = sink_through(proxy, bucket, SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB), max_attempts=10)
     small = {f"small-{i}": list(synthetic_detections(50, seed=i)) for i in range(40)}
     async with anyio.create_task_group() as group:
         for image_id, features in small.items():
@@ -78,7 +81,7 @@ async def test_upload_parts_failing_past_retries_raise_the_client_error_and_abor
     proxy: FaultProxy, bucket: str, s3: Any, multipart_features: list[dict[str, Any]]
 ) -> None:
     proxy.add_rule(Rule({"UploadPart"}, "refuse", status=500, code="InternalError"))
-    sink = sink_through(proxy, bucket, SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_attempts=2))
+    sink = sink_through(proxy, bucket, SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB), max_attempts=2)
     with pytest.raises(ClientError) as raised:
         await sink.write("failing", multipart_features)
     assert raised.value.response["Error"]["Code"] == "InternalError"
@@ -187,7 +190,7 @@ def test_the_sync_facade_survives_the_same_faults(proxy: FaultProxy, bucket: str
     proxy.add_rule(Rule({"PutObject"}, "slowdown", times=2))
     proxy.add_rule(Rule({"PutObject"}, "reset", times=1))
     features = list(synthetic_detections(100, seed=9))
-    sink = S3Sink(bucket, "faults", endpoint_url=proxy.url, settings=SinkSettings(max_attempts=5))
+    sink = S3Sink(bucket, "faults", client=ClientSettings(endpoint_url=proxy.url, max_attempts=5))
     result = sink.write_with_result("sync", features)
     assert proxy.count("PutObject") == 4
     # aiohttp itself retries an idempotent request once on a reset connection, below botocore's count.

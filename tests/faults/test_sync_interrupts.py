@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import S3Sink, SinkSettings
+from model_runner.sink import ClientSettings, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 
 from .proxy import FaultProxy, Rule
@@ -34,11 +34,11 @@ CHILD_PREAMBLE = """
 import sqlite3, sys, threading, time
 import boto3
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import S3Sink, SinkSettings
+from model_runner.sink import ClientSettings, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 bucket, endpoint = sys.argv[1:3]
 settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_parts_in_flight=2)
-sink = S3Sink(bucket, "out", endpoint_url=endpoint, settings=settings)
+sink = S3Sink(bucket, "out", client=ClientSettings(endpoint_url=endpoint), settings=settings)
 features = list(synthetic_detections(25_000, seed=5))
 
 def wait_for_upload():
@@ -177,7 +177,7 @@ def multipart_features() -> list[dict[str, Any]]:
 
 
 def sink_through(proxy: FaultProxy, bucket: str) -> S3Sink:
-    return S3Sink(bucket, "out", endpoint_url=proxy.url, settings=SMALL_PARTS)
+    return S3Sink(bucket, "out", client=ClientSettings(endpoint_url=proxy.url), settings=SMALL_PARTS)
 
 
 def test_a_timeout_while_parts_upload_aborts_the_write(

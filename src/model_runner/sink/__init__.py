@@ -13,13 +13,14 @@ from model_runner.sink.exceptions import (
 from model_runner.sink.metrics import OpenTelemetryMetrics, SinkMetrics
 from model_runner.sink.results import WriteResult
 from model_runner.sink.s3_sink import S3Sink
-from model_runner.sink.settings import SinkSettings
+from model_runner.sink.settings import ClientSettings, SinkSettings
 from model_runner.sink.sink import AsyncSink, Sink
 
 __all__ = [
     "AsyncS3Sink",
     "AsyncSink",
     "ChecksumMismatchError",
+    "ClientSettings",
     "FeatureEncodingError",
     "InvalidAssumedRoleException",
     "OpenTelemetryMetrics",

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import posixpath
 import re
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from contextlib import aclosing
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from model_runner.api import SinkMode, SinkType
@@ -28,20 +26,21 @@ from model_runner.sink.encoding import (
     encode_collection,
 )
 from model_runner.sink.exceptions import FeatureEncodingError, SinkError
+from model_runner.sink.logs import logger
 from model_runner.sink.metrics import SinkMetrics, error_type
 from model_runner.sink.responses import error_code, retry_attempts
 from model_runner.sink.results import WriteResult
-from model_runner.sink.settings import SinkSettings
+from model_runner.sink.settings import ClientSettings, SinkSettings, resolve_client_settings
 from model_runner.sink.sink import AsyncSink
 from model_runner.sink.upload import upload_object
+
+if TYPE_CHECKING:
+    import aioboto3
 
 __all__ = ["AsyncS3Sink", "ProgressCallback", "object_key"]
 
 ProgressCallback: TypeAlias = Callable[[int, int], object]
 """Called with ``(bytes_done, features_done)`` as a write advances."""
-
-# The seed documents ``model_runner.sink.s3_sink.logger``: both sinks log there, so configuring it covers them.
-logger = logging.getLogger("model_runner.sink.s3_sink")
 
 # What botocore accepts as a bucket name (legacy names included); the rest is left to S3 to judge.
 _BUCKET_NAME = re.compile(r"^[a-zA-Z0-9.\-_]{3,255}$")
@@ -103,7 +102,17 @@ def _check_features(features: object) -> None:
         )
 
 
-def is_unusable_bucket_error(error: ClientError) -> bool:
+def _check_session(session: object) -> None:
+    if session is None:
+        return
+    # Imported when used: boto3 and aioboto3 cost an import the sinks do not need otherwise.
+    import aioboto3
+
+    if not isinstance(session, aioboto3.Session):
+        raise TypeError(f"session must be an aioboto3.Session, not {type(session).__name__}")
+
+
+def _is_unusable_bucket_error(error: ClientError) -> bool:
     """
     Tell whether S3 refused a request because the bucket is missing or forbidden.
 
@@ -125,14 +134,19 @@ class AsyncS3Sink(AsyncSink):
     :param bucket: The name of the S3 bucket.
     :param prefix: The prefix within the bucket where the files will be stored.
     :param assumed_role: Optional IAM role ARN to assume for accessing the bucket.
-    :param settings: Tuning and object options.
-    :param endpoint_url: S3 endpoint; by default the standard configuration (``AWS_ENDPOINT_URL_S3``...).
-    :param sts_endpoint_url: STS endpoint for ``assumed_role``; by default the standard configuration.
-    :param region_name: Region; by default ``AWS_REGION``, then the standard configuration, then us-east-1.
-    :param client_config: A botocore config merged over the sink's own.
-    :param clock: What time it is, for credential expiry; for tests and simulations.
+    :param settings: How each write encodes and uploads, and the options of the objects it writes.
+    :param client: What decides the S3 client: endpoints, region, retries, connections, the byte budget, the worker
+        threads and the role session. Sinks with equal client settings (and role, session and clock) share one
+        client whatever their ``settings``.
+    :param session: An ``aioboto3.Session`` whose credentials, profile and region the sink uses (the region of
+        ``client`` comes first); ``assumed_role`` is then assumed with its credentials. By default the standard
+        configuration.
     :param metrics: Hooks told of every write, part and retry, e.g.
         :class:`~model_runner.sink.metrics.OpenTelemetryMetrics`; none by default.
+    :param clock: What time it is, for credential expiry; for tests and simulations.
+    :param deprecated: ``endpoint_url``, ``sts_endpoint_url``, ``region_name`` and ``client_config``, deprecated:
+        they are fields of ``client``.
+    :raises TypeError: If a deprecated keyword is also given in ``client``, or a keyword is unknown.
     """
 
     def __init__(
@@ -142,12 +156,11 @@ class AsyncS3Sink(AsyncSink):
         assumed_role: str | None = None,
         *,
         settings: SinkSettings | None = None,
-        endpoint_url: str | None = None,
-        sts_endpoint_url: str | None = None,
-        region_name: str | None = None,
-        client_config: Config | None = None,
-        clock: Clock | None = None,
+        client: ClientSettings | None = None,
+        session: aioboto3.Session | None = None,
         metrics: SinkMetrics | None = None,
+        clock: Clock | None = None,
+        **deprecated: Any,
     ) -> None:
         if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
             raise ValueError(f"{bucket!r} is not a valid S3 bucket name")
@@ -155,18 +168,15 @@ class AsyncS3Sink(AsyncSink):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
         if _utf8_length(prefix, "prefix") + 1 + _SHORTEST_NAME_BYTES > _MAX_KEY_BYTES:
             raise ValueError("prefix leaves no room for a file name within S3's 1,024-byte keys")
+        _check_session(session)
         self.bucket = bucket
         self.prefix = prefix
         self.assumed_role = assumed_role
         self.settings = settings or SinkSettings()
+        self.client = resolve_client_settings(client, self.settings, deprecated, stacklevel=2)
+        self.session = session
         self._client_options = ClientOptions(
-            settings=self.settings,
-            endpoint_url=endpoint_url,
-            sts_endpoint_url=sts_endpoint_url,
-            region_name=region_name,
-            client_config=client_config,
-            assumed_role=assumed_role,
-            clock=clock,
+            client=self.client, assumed_role=assumed_role, session=session, clock=clock
         )
         self._bucket_identity = (bucket, self.settings.expected_bucket_owner)
         self._metrics = metrics
@@ -254,7 +264,7 @@ class AsyncS3Sink(AsyncSink):
         try:
             await self.write_with_result(image_id, features, metadata=metadata, on_progress=on_progress)
         except ClientError as error:
-            if not is_unusable_bucket_error(error):
+            if not _is_unusable_bucket_error(error):
                 raise
             return False  # already logged at error level by write_with_result
         return True
@@ -379,7 +389,7 @@ class AsyncS3Sink(AsyncSink):
             try:
                 await shared.client.head_bucket(Bucket=self.bucket, **self.settings.bucket_arguments())
             except ClientError as error:
-                if not is_unusable_bucket_error(error):
+                if not _is_unusable_bucket_error(error):
                     raise
                 logger.error("bucket %s does not exist or cannot be accessed: %s", self.bucket, error)
                 return False

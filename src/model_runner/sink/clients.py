@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import gzip
 import logging
 import os
@@ -27,14 +28,14 @@ from aiobotocore.endpoint import DEFAULT_HTTP_SESSION_CLS
 from aiobotocore.hooks import AioHierarchicalEmitter
 from aiobotocore.session import AioSession
 from botocore import loaders
-from botocore.config import Config
+from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import ProfileNotFound
 
 from model_runner.sink.budget import ByteBudget
 from model_runner.sink.connections import SharedTlsSession
 from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, forget_loop_credentials, refresh
 from model_runner.sink.endpoints import resolve_once_per_bucket
-from model_runner.sink.settings import SinkSettings
+from model_runner.sink.settings import ClientSettings
 from model_runner.sink.upload import ABORT_TIMEOUT_SECONDS
 
 __all__ = [
@@ -80,35 +81,28 @@ _handlers: AioHierarchicalEmitter | None = None
 _default_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str | None, ...], AioSession]] = (
     weakref.WeakKeyDictionary()
 )
+# The sessions made from callers' ``aioboto3.Session`` objects, per event loop, caller's session and environment.
+_user_sessions: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Any, dict[tuple[str | None, ...], AioSession]]
+] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
 class ClientOptions:
     """
-    Everything of a sink that decides its S3 client: sinks with equal options share one.
+    Everything of a sink that decides its S3 client: sinks with equal options share one. What only shapes objects
+    (:class:`~model_runner.sink.settings.SinkSettings`) is not part of it.
 
-    :param settings: The sink's settings.
-    :param endpoint_url: S3 endpoint, or `None` for the standard configuration.
-    :param sts_endpoint_url: STS endpoint for ``assumed_role``, or `None` for the standard configuration.
-    :param region_name: Region, or `None` for ``AWS_REGION``, then the standard configuration, then us-east-1.
-    :param client_config: A botocore config merged over the sink's own.
+    :param client: The client settings.
     :param assumed_role: The role to assume, if any.
+    :param session: The caller's ``aioboto3.Session``, compared by identity; `None` for the standard configuration.
     :param clock: What time it is, for credential expiry.
     """
 
-    settings: SinkSettings
-    endpoint_url: str | None = None
-    sts_endpoint_url: str | None = None
-    region_name: str | None = None
-    client_config: Config | None = field(default=None, compare=False)
+    client: ClientSettings = field(default_factory=ClientSettings)
     assumed_role: str | None = None
+    session: Any = None
     clock: Clock | None = None
-    # botocore's Config is not hashable: its options stand in for it.
-    client_config_key: str | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        if self.client_config is not None and self.client_config_key is None:
-            object.__setattr__(self, "client_config_key", repr(vars(self.client_config)))
 
 
 @dataclass
@@ -145,18 +139,17 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
     # First, so that the loop's sessions and credentials below are let go of with its clients when it ends.
     SharedClients.of_running_loop()
     environment = tuple(os.environ.get(name) for name in _ENVIRONMENT)
-    source = await _default_session(environment)
-    region = options.region_name or os.environ.get("AWS_REGION") or source.get_config_variable("region")
-    region = region or "us-east-1"
+    source = await _source_session(options.session, environment)
+    region = _region(options.client, source)
     credentials = None
     if options.assumed_role is not None:
         role = AssumedRole(
             role_arn=options.assumed_role,
-            session_name=options.settings.role_session_name,
-            duration_seconds=options.settings.role_duration_seconds,
-            refresh_seconds=options.settings.credential_refresh_seconds,
+            session_name=options.client.role_session_name,
+            duration_seconds=options.client.role_duration_seconds,
+            refresh_seconds=options.client.credential_refresh_seconds,
             region_name=region,
-            sts_endpoint_url=options.sts_endpoint_url,
+            sts_endpoint_url=options.client.sts_endpoint_url,
         )
         credentials = assumed_role_credentials(role, source, clock=options.clock)
         await refresh(credentials, options.assumed_role)
@@ -169,7 +162,7 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
             # botocore has no public setter for refreshable credentials; its own assume-role provider does this.
             session._credentials = credentials  # type: ignore[attr-defined]
         return session.create_client(
-            "s3", region_name=region, endpoint_url=options.endpoint_url, config=_client_config(options, source)
+            "s3", region_name=region, endpoint_url=options.client.endpoint_url, config=_client_config(options, source)
         )
 
     def create() -> AbstractAsyncContextManager[Any]:
@@ -177,7 +170,7 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
 
     # Again, with no await before taking: the registry may have closed while the credentials were refreshed.
     registry = SharedClients.of_running_loop()
-    shared = await registry.acquire(key, create, options.settings)
+    shared = await registry.acquire(key, create, options.client)
     try:
         yield shared
     finally:
@@ -271,7 +264,7 @@ class SharedClients:
         return registry
 
     async def acquire(
-        self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]], settings: SinkSettings
+        self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]], settings: ClientSettings
     ) -> SharedClient:
         """
         Take the client for a configuration, creating it if needed; concurrent first takers share one creation.
@@ -350,7 +343,7 @@ class SharedClients:
                 _forget_loop(self._loop)
 
     async def _create(
-        self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]], settings: SinkSettings
+        self, key: Hashable, create: Callable[[], AbstractAsyncContextManager[Any]], settings: ClientSettings
     ) -> SharedClient:
         await anyio.to_thread.run_sync(_load_models)
         context = create()
@@ -455,6 +448,7 @@ def _forget_loop(loop: asyncio.AbstractEventLoop) -> None:
     # alone would keep it forever: an ended loop is removed from each explicitly.
     _registries.pop(loop, None)
     _default_sessions.pop(loop, None)
+    _user_sessions.pop(loop, None)
     forget_loop_credentials(loop)
 
 
@@ -534,15 +528,52 @@ def _new_default_session() -> AioSession:
     return session
 
 
-async def _default_session(environment: tuple[str | None, ...]) -> AioSession:
+def _session_like(user: Any) -> AioSession:
+    """
+    A session of this library's making with what the caller's ``aioboto3.Session`` was given: its configuration
+    variables (profile, region...), its explicit credentials and its credential chain.
+
+    The caller's session may serve other event loops, and credentials that refresh hold a lock bound to one loop:
+    hence a session per loop, which is also made with the built-in handlers copied rather than registered again.
+    """
+    base: AioSession = user._session
+    _load_models()
+    session = AioSession(event_hooks=copy.copy(base.get_component("event_emitter")), include_builtin_handlers=False)
+    session.register_component("data_loader", _shared_loader())
+    for name, value in base.instance_variables().items():
+        session.set_config_variable(name, value)
+    with contextlib.suppress(ProfileNotFound):
+        session.get_scoped_config()
+        # Each load through the caller's chain makes new credentials, so sharing the chain shares no lock.
+        session.register_component("credential_provider", base.get_component("credential_provider"))
+    explicit = getattr(base, "_credentials", None)
+    if explicit is not None and not isinstance(explicit, RefreshableCredentials):
+        session._credentials = explicit  # type: ignore[attr-defined]
+    return session
+
+
+async def _source_session(user: Any, environment: tuple[str | None, ...]) -> AioSession:
     # A session caches credentials whose refresh lock belongs to one event loop: one session per loop.
-    sessions = _default_sessions.setdefault(asyncio.get_running_loop(), {})
+    loop = asyncio.get_running_loop()
+    if user is None:
+        sessions = _default_sessions.setdefault(loop, {})
+        make: Callable[[], AioSession] = _new_default_session
+    else:
+        # Weakly: a caller's session dropped with its last client is let go of.
+        sessions = _user_sessions.setdefault(loop, weakref.WeakKeyDictionary()).setdefault(user, {})
+        make = functools.partial(_session_like, user)
     session = sessions.get(environment)
     if session is None:
         # Made in a worker thread, a new session stalls the loop at most a GIL switch interval, not its making.
-        made = await anyio.to_thread.run_sync(_new_default_session)
+        made = await anyio.to_thread.run_sync(make)
         session = sessions.setdefault(environment, made)
     return session
+
+
+def _region(settings: ClientSettings, source: AioSession) -> str:
+    # A region given to the caller's session comes before the environment's, as with any client it makes.
+    explicit = settings.region_name or source.instance_variables().get("region")
+    return explicit or os.environ.get("AWS_REGION") or source.get_config_variable("region") or "us-east-1"
 
 
 def _configured(session: AioSession, variable: str, environment: str) -> bool:
@@ -555,7 +586,7 @@ def _configured(session: AioSession, variable: str, environment: str) -> bool:
 
 
 def _client_config(options: ClientOptions, session: AioSession) -> AioConfig:
-    settings = options.settings
+    settings = options.client
     retries: dict[str, Any] = {}
     if settings.retry_mode is not None:
         retries["mode"] = settings.retry_mode
@@ -573,13 +604,13 @@ def _client_config(options: ClientOptions, session: AioSession) -> AioConfig:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    if options.client_config is None:
+    if settings.client_config is None:
         return config
     # AioConfig.merge takes any Config, and keeps botocore's options only: the aiohttp options are set after.
     # (The stubs know neither.)
-    merged = config.merge(options.client_config)  # type: ignore[arg-type]
+    merged = config.merge(settings.client_config)  # type: ignore[arg-type]
     merged.http_session_cls = SharedTlsSession  # type: ignore[attr-defined]
-    user = options.client_config
+    user = settings.client_config
     if isinstance(user, AioConfig):
         merged.connector_args = user.connector_args  # type: ignore[attr-defined]
         if user.http_session_cls is not DEFAULT_HTTP_SESSION_CLS:  # type: ignore[attr-defined]

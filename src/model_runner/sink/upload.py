@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError
 from model_runner.sink.budget import BudgetHold, ByteBudget
 from model_runner.sink.exceptions import ChecksumMismatchError
 from model_runner.sink.responses import error_code, retry_attempts
-from model_runner.sink.settings import MAX_PART_SIZE, SinkSettings
+from model_runner.sink.settings import MAX_PART_SIZE, ClientSettings, SinkSettings
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -239,7 +239,7 @@ async def upload_object(
     object_arguments: dict[str, Any] = settings.object_arguments()
     if metadata:
         object_arguments["Metadata"] = metadata
-    body = (budget or ByteBudget(settings.max_bytes_in_flight)).hold()
+    body = (budget or ByteBudget(ClientSettings().max_bytes_in_flight)).hold()
     try:
         pending: list[memoryview] = []
         iterator = aiter(chunks)

@@ -69,7 +69,7 @@ async def abort_uploads(target: Target, keys: Iterable[str]) -> list[str]:
         async with limiter:
             await _abort_key(client, target.bucket, key, settings.bucket_arguments(), problems)
 
-    options = ClientOptions(settings=settings, assumed_role=target.role)
+    options = ClientOptions(assumed_role=target.role)
     async with shared_client(options) as shared, anyio.create_task_group() as group:
         for key in dict.fromkeys(keys):
             group.start_soon(abort, shared.client, key)
