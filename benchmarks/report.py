@@ -246,7 +246,7 @@ def diagnosis_text(runs: list[tuple[str, Measurement]]) -> str:
     :param runs: Each diagnostic run, with a label.
     :return: The text.
     """
-    lines = ["", "stall diagnosis (extra runs with the watchdog on; their figures are not in the table)"]
+    lines = ["", "stall diagnosis (runs with the watchdog on: the table's are extra runs, the rows' their last run)"]
     for label, run in runs:
         found, stall = run.diagnosis, run.stall
         if found is None:
