@@ -68,7 +68,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m benchmarks
 
 bench-report: $(DEV_STAMP)
-	$(BIN)/python -m benchmarks.peers
+	$(BIN)/python -m benchmarks --peers
 
 docs: $(DEV_STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html

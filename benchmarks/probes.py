@@ -17,6 +17,8 @@ from typing import Any
 
 import psutil
 
+from benchmarks.results import Cpu, Diagnosis, GcFigures, Rss, Stall
+
 __all__ = ["CpuClock", "GcWatch", "LoopStallTicker", "PeakRss", "StallDiagnoser"]
 
 MB = 1_000_000
@@ -72,21 +74,21 @@ class LoopStallTicker:
                 self._stopped.set()
                 return
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> Stall:
         """
         The lateness figures of the recorded ticks.
 
-        :return: ``worst_ms``, ``p99_ms``, ``ticks`` and ``over_10ms`` (ticks later than 10 ms).
+        :return: The worst, the 99th percentile, the ticks and those later than 10 ms.
         """
         values = sorted(self.lateness)
         if not values:
-            return {"worst_ms": 0.0, "p99_ms": 0.0, "ticks": 0, "over_10ms": 0}
-        return {
-            "worst_ms": values[-1] * 1e3,
-            "p99_ms": values[min(len(values) - 1, int(len(values) * 0.99))] * 1e3,
-            "ticks": len(values),
-            "over_10ms": sum(1 for value in values if value > 0.010),
-        }
+            return Stall()
+        return Stall(
+            worst_ms=values[-1] * 1e3,
+            p99_ms=values[min(len(values) - 1, int(len(values) * 0.99))] * 1e3,
+            ticks=len(values),
+            over_10ms=sum(1 for value in values if value > 0.010),
+        )
 
 
 def _status_kib(field_name: str) -> int:
@@ -137,11 +139,11 @@ class PeakRss:
         self._thread = threading.Thread(target=sample, name="rss-sampler", daemon=True)
         self._thread.start()
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self) -> Rss:
         """
         End the region.
 
-        :return: ``baseline_mb``, ``peak_growth_mb`` and the ``method`` used.
+        :return: The baseline, the peak growth and the method used.
         """
         if self._thread is not None:
             self._sampling = False
@@ -149,11 +151,7 @@ class PeakRss:
             peak = self._sampled_peak
         else:
             peak = _status_kib("VmHWM") * 1024
-        return {
-            "baseline_mb": self.baseline / MB,
-            "peak_growth_mb": max(0, peak - self.baseline) / MB,
-            "method": self.method,
-        }
+        return Rss(self.baseline / MB, max(0, peak - self.baseline) / MB, self.method)
 
 
 @dataclass
@@ -167,7 +165,7 @@ class CpuClock:
     other_pid: int | None = None
     _start: os.times_result | None = None
     _process_start: float = 0.0
-    _other: Any = None
+    _other: psutil.Process | None = None
     _other_start: float = 0.0
 
     def start(self) -> None:
@@ -182,12 +180,11 @@ class CpuClock:
         self._process_start = time.process_time()
         self._start = os.times()
 
-    def stop(self) -> dict[str, float | None]:
+    def stop(self) -> Cpu:
         """
         End the region.
 
-        :return: ``cpu_s`` (user + system), ``user_s`` and ``system_s`` of this process, and ``server_cpu_s``
-            (`None` without a server).
+        :return: This process's CPU time, and the server's (`None` without a server).
         """
         # process_time has nanosecond resolution; os.times, in 10 ms clock ticks, only splits user and system.
         total = time.process_time() - self._process_start
@@ -201,7 +198,7 @@ class CpuClock:
                 server = times.user + times.system - self._other_start
             except psutil.Error:
                 server = None
-        return {"cpu_s": total, "user_s": user, "system_s": system, "server_cpu_s": server}
+        return Cpu(total, user, system, server)
 
 
 class GcWatch:
@@ -225,18 +222,17 @@ class GcWatch:
         self._before = [stats["collections"] for stats in gc.get_stats()]
         gc.callbacks.append(self._callback)
 
-    def stop(self) -> dict[str, list[float]]:
+    def stop(self) -> GcFigures:
         """
         End the region.
 
-        :return: ``collections`` per generation and ``longest_ms`` per generation.
+        :return: Collections per generation and the longest of each.
         """
         gc.callbacks.remove(self._callback)
         after = [stats["collections"] for stats in gc.get_stats()]
-        return {
-            "collections": [float(b - a) for a, b in zip(self._before, after, strict=True)],
-            "longest_ms": [seconds * 1e3 for seconds in self.longest],
-        }
+        counts = [b - a for a, b in zip(self._before, after, strict=True)]
+        longest = [seconds * 1e3 for seconds in self.longest]
+        return GcFigures((counts[0], counts[1], counts[2]), (longest[0], longest[1], longest[2]))
 
 
 # Innermost functions of a thread that is parked, not competing for the GIL.
@@ -383,7 +379,7 @@ class StallDiagnoser:
             stacks[label] = [f"{_short(entry.filename)}:{entry.lineno} {entry.name}" for entry in summary]
         return stacks
 
-    def _scheduler_account(self) -> dict[str, float]:
+    def _scheduler_account(self) -> tuple[float, float, float]:
         window = running = waiting = 0.0
         for episode in self.episodes:
             if episode.sched_start is None or episode.sched_end is None:
@@ -391,27 +387,14 @@ class StallDiagnoser:
             window += episode.sched_end[0] - episode.sched_start[0]
             running += episode.sched_end[1] - episode.sched_start[1]
             waiting += episode.sched_end[2] - episode.sched_start[2]
-        return {
-            "window_ms": window * 1e3,
-            "on_cpu_ms": running * 1e3,
-            "waiting_for_core_ms": waiting * 1e3,
-            "blocked_ms": max(0.0, window - running - waiting) * 1e3,
-        }
+        return window * 1e3, running * 1e3, waiting * 1e3
 
-    def _collections_by_generation(self) -> dict[int, list[float]]:
-        durations: dict[int, list[float]] = {0: [], 1: [], 2: []}
-        for generation, seconds in self.collections:
-            durations[generation].append(seconds)
-        return durations
-
-    def report(self, top: int = 5) -> dict[str, Any]:
+    def report(self, top: int = 5) -> Diagnosis:
         """
         What was found.
 
-        :param top: How many of the longest stalls and slow callbacks to keep.
-        :return: The longest stalls with their stacks, the slow callbacks, the collections, the scheduler's
-            account of the loop thread over all stalls, and counts of the innermost frames of the loop thread
-            and of busy threads over all samples (what ran while the loop was late).
+        :param top: How many of the longest stalls, slow callbacks and frames to keep.
+        :return: The findings.
         """
         busy: Counter[str] = Counter()
         loop_frames: Counter[str] = Counter()
@@ -425,30 +408,24 @@ class StallDiagnoser:
                     else:
                         busy[f"{label.split(' ')[0]}: {_first_own_frame(stack)}"] += 1
         longest = sorted(self.episodes, key=lambda episode: episode.lateness, reverse=True)[:top]
-        return {
-            "threshold_ms": self.threshold * 1e3,
-            "stalls_over_threshold": len(self.episodes),
-            "stalled_ms": sum(episode.lateness for episode in self.episodes) * 1e3,
-            "scheduler": self._scheduler_account(),
-            "longest": [
-                {
-                    "lateness_ms": episode.lateness * 1e3,
-                    "first_sample": episode.samples[0] if episode.samples else {},
-                }
-                for episode in longest
-            ],
-            "slow_callbacks": [
-                {"ms": seconds * 1e3, "callback": name}
-                for seconds, name in sorted(self.slow_callbacks, reverse=True)[:top]
-            ],
-            "slow_callback_count": len(self.slow_callbacks),
-            "collections": {
-                f"gen{generation}": {"count": len(durations), "longest_ms": max(durations, default=0.0) * 1e3}
-                for generation, durations in self._collections_by_generation().items()
-            },
-            "loop_thread_frames": loop_frames.most_common(top),
-            "busy_thread_frames": busy.most_common(top),
-        }
+        durations: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        for generation, seconds in self.collections:
+            durations[generation].append(seconds)
+        window, running, waiting = self._scheduler_account()
+        return Diagnosis(
+            threshold_ms=self.threshold * 1e3,
+            stalls=len(self.episodes),
+            window_ms=window,
+            on_cpu_ms=running,
+            waiting_for_core_ms=waiting,
+            blocked_ms=max(0.0, window - running - waiting),
+            longest=[(e.lateness * 1e3, e.samples[0] if e.samples else {}) for e in longest],
+            slow_callbacks=[(seconds * 1e3, name) for seconds, name in sorted(self.slow_callbacks, reverse=True)[:top]],
+            slow_callback_count=len(self.slow_callbacks),
+            collections={f"gen{g}": (len(d), max(d, default=0.0) * 1e3) for g, d in durations.items()},
+            loop_frames=loop_frames.most_common(top),
+            busy_frames=busy.most_common(top),
+        )
 
 
 def _short(filename: str) -> str:

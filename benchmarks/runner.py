@@ -1,56 +1,40 @@
-"""The harness's own process: the S3 server, the data set, and one subprocess per measurement, interleaved."""
+"""The harness's own process: the S3 server, the data set, and one child process per measurement."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import boto3
 import psutil
 
-from benchmarks.child import RESULT_MARKER
+from benchmarks.child import Spec, decode
 from benchmarks.contenders import WARM_UP
-from benchmarks.workloads import Workload, dataset_size, make_dataset
+from benchmarks.results import Measurement
+from benchmarks.workloads import Workload, make_dataset
 from model_runner.cli.moto_server import MotoServer
 
-__all__ = ["BUCKET", "ROOT", "Options", "parse_arguments", "revision", "run_all", "versions"]
+__all__ = ["BUCKET", "ROOT", "Harness", "log", "revision", "versions"]
 
 BUCKET = "model-runner-bench"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def parse_arguments(
-    prog: str, description: str, add: Callable[[argparse.ArgumentParser], None], argv: list[str] | None
-) -> argparse.Namespace:
+def log(message: str) -> None:
     """
-    Parse a report's command line: ``--quick`` and ``--repeats`` (3 runs, 1 when quick), and its own options.
+    A progress line, on stderr.
 
-    :param prog: The command.
-    :param description: What it does.
-    :param add: Adds the report's own options to the parser.
-    :param argv: Command-line arguments, ``sys.argv[1:]`` by default.
-    :return: The arguments.
+    :param message: The line.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and one run each: a smoke run")
-    parser.add_argument("--repeats", type=int, default=None, help="runs of each measurement (default 3, quick 1)")
-    add(parser)
-    arguments = parser.parse_args(argv)
-    if arguments.repeats is None:
-        arguments.repeats = 1 if arguments.quick else 3
-    if arguments.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    return arguments
+    print(message, file=sys.stderr, flush=True)
 
 
 def versions(names: Iterable[str]) -> dict[str, str]:
@@ -84,29 +68,6 @@ def revision() -> str | None:
     return head.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else "")
 
 
-@dataclass
-class Options:
-    """
-    What to run.
-
-    :param workloads: The workloads, in order.
-    :param contenders: The contenders' keys, in order.
-    :param repeats: Runs of each contender on each workload.
-    :param max_repeat_seconds: A measurement whose first run is longer than this is not repeated.
-    :param diagnose: After the measurements, run AsyncS3Sink (and the floor, for comparison) once more per
-        workload with the stall diagnoser on.
-    :param child_timeout: Seconds a measurement may take, its setup included.
-    """
-
-    workloads: list[Workload]
-    contenders: list[str]
-    repeats: int = 3
-    max_repeat_seconds: float = 12.0
-    diagnose: bool = False
-    child_timeout: float = 600.0
-    log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr, flush=True))
-
-
 def _server_pid(server: MotoServer) -> int | None:
     # MotoServer keeps its process private; find it among our children by its port.
     for child in psutil.Process().children(recursive=True):
@@ -119,130 +80,133 @@ def _server_pid(server: MotoServer) -> int | None:
     return None
 
 
-def _stored(client: Any, prefix: str) -> tuple[int, int]:
-    count = size = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/"):
-        for item in page.get("Contents", []):
-            if not item["Key"].rsplit("/", 1)[-1].startswith(WARM_UP):
-                count += 1
-                size += item["Size"]
-    return count, size
-
-
-def _empty_bucket(client: Any) -> None:
-    # Every measurement leaves up to ~0.5 GB in the server: drop it so the server does not grow all run long.
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
-    for upload in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []):
-        client.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
-
-
-def _run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
-    started = time.perf_counter()
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.child", json.dumps(spec)],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    wall = time.perf_counter() - started
-    for line in completed.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            result: dict[str, Any] = json.loads(line[len(RESULT_MARKER) :])
-            result["process_seconds"] = wall
-            return result
-    tail = (completed.stderr or completed.stdout).strip().splitlines()[-15:]
-    raise RuntimeError(f"measurement failed (exit {completed.returncode}):\n" + "\n".join(tail))
-
-
-def run_all(options: Options) -> dict[str, Any]:
+class Harness:
     """
-    Start the server, make the data set, and run every measurement.
+    A moto S3 server with a bucket, a data set of synthetic features, and :meth:`measure`; a context manager.
 
-    Repeats are interleaved: each round runs every workload with every contender, in an order rotated from
-    round to round, so that a noisy neighbour or a slow spell of a shared machine falls on all contenders
-    alike.
-
-    :param options: What to run.
-    :return: ``runs`` (every measurement's figures), ``failures``, ``diagnoses``, ``server_url`` and
-        ``dataset_features``.
+    :param features: Distinct features the data set holds.
+    :param timeout: Seconds a measurement may take, its setup included.
     """
-    runs: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    diagnoses: list[dict[str, Any]] = []
-    features = dataset_size(options.workloads)
-    with tempfile.TemporaryDirectory(prefix="model-runner-bench-") as directory, MotoServer() as server:
+
+    def __init__(self, features: int, timeout: float = 600.0) -> None:
+        self.features = features
+        self.timeout = timeout
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Harness:
+        directory = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="model-runner-bench-"))
+        server = self._stack.enter_context(MotoServer())
         server.apply_environment()
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        server_pid = _server_pid(server)
-        dataset = Path(directory) / "features.json"
-        options.log(f"making {features:,} synthetic features; S3 server at {server.endpoint_url}")
-        make_dataset(dataset, features)
+        # Any: the lint extra pins no stubs of boto3's S3 client.
+        self.client: Any = boto3.client("s3")
+        self.client.create_bucket(Bucket=BUCKET)
+        self.server_pid = _server_pid(server)
+        self.dataset = Path(directory) / "features.json"
+        log(f"making {self.features:,} synthetic features; S3 server at {server.endpoint_url}")
+        make_dataset(self.dataset, self.features)
+        return self
 
-        def measure(workload: Workload, contender: str, label: str, diagnose: bool) -> dict[str, Any] | None:
-            prefix = f"bench/{workload.key}/{contender}"
-            spec = {
-                "workload": {k: v for k, v in workload.as_dict().items() if k != "title"},
-                "contender": contender,
-                "bucket": BUCKET,
-                "prefix": prefix,
-                "dataset": str(dataset),
-                "server_pid": server_pid,
-                "diagnose": diagnose,
-            }
-            try:
-                result = _run_child(spec, options.child_timeout)
-            except (RuntimeError, subprocess.TimeoutExpired) as error:
-                options.log(f"{label} {workload.key:<12} {contender:<12} FAILED: {error}")
-                failures.append({"workload": workload.key, "contender": contender, "error": str(error)})
-                _empty_bucket(client)
-                return None
-            count, size = _stored(client, prefix)
-            result["verified"] = count == workload.writes and size == result["bytes"]
-            _empty_bucket(client)
-            stall, growth = result["stall"]["worst_ms"], result["rss"]["peak_growth_mb"]
-            options.log(
-                f"{label} {workload.key:<12} {contender:<12} {result['seconds']:8.3f} s  "
-                f"stall {stall:8.1f} ms  ΔRSS {growth:7.1f} MB"
-                + ("" if result["verified"] else f"  NOT VERIFIED: {count} objects, {size} bytes stored")
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._stack.close()
+
+    def measure(
+        self, kind: str, workload: Workload, contender: str, *, diagnose: bool = False, source: str | None = None
+    ) -> Measurement:
+        """
+        One measurement in a child process; then the objects are checked and the bucket emptied.
+
+        :param kind: ``warm``, ``process`` or ``loop`` (see :class:`benchmarks.child.Spec`).
+        :param workload: The writes.
+        :param contender: The contender's key.
+        :param diagnose: Run the stall diagnoser too.
+        :param source: Another checkout's ``src`` to import the sink from, or `None`.
+        :return: The figures, ``verified`` set.
+        :raises RuntimeError: If the child failed.
+        :raises subprocess.TimeoutExpired: If it took longer than the timeout.
+        """
+        prefix = f"bench/{workload.key}/{contender}/{kind}"
+        spec = Spec(kind, workload, contender, BUCKET, prefix, str(self.dataset), self.server_pid, diagnose)
+        environment = dict(os.environ)
+        paths = [source, str(ROOT), environment.get("PYTHONPATH")]
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+        try:
+            completed = subprocess.run(
+                [sys.executable, "-m", "benchmarks.child", spec.to_json()],
+                cwd=ROOT,
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                check=False,
             )
-            return result
+            found = [m for m in map(decode, completed.stdout.splitlines()) if m is not None]
+            if not found:
+                tail = (completed.stderr or completed.stdout).strip().splitlines()[-15:]
+                raise RuntimeError(f"measurement failed (exit {completed.returncode}):\n" + "\n".join(tail))
+            count, size = self._stored(prefix)
+            found[0].verified = count == workload.writes and size == found[0].bytes
+            return found[0]
+        finally:
+            self._empty()
 
-        long_running: set[tuple[str, str]] = set()
-        for repeat in range(options.repeats):
-            for index, workload in enumerate(options.workloads):
-                shift = (repeat + index) % len(options.contenders)
-                order = options.contenders[shift:] + options.contenders[:shift]
-                for contender in order:
-                    if repeat and (workload.key, contender) in long_running:
-                        continue
-                    result = measure(workload, contender, f"[round {repeat + 1}/{options.repeats}]", False)
-                    if result is None:
-                        continue
-                    result["repeat"] = repeat
-                    runs.append(result)
-                    if repeat == 0 and result["seconds"] > options.max_repeat_seconds:
-                        long_running.add((workload.key, contender))
-        if options.diagnose:
-            for workload in options.workloads:
-                for contender in ("AsyncS3Sink", "floor"):
-                    if contender in options.contenders:
-                        result = measure(workload, contender, "[diagnose]", True)
-                        if result is not None:
-                            diagnoses.append(result)
-    return {
-        "runs": runs,
-        "failures": failures,
-        "diagnoses": diagnoses,
-        "server_url": server.endpoint_url,
-        "dataset_features": features,
-        "not_repeated": sorted(f"{w}/{c}" for w, c in long_running),
-    }
+    def _stored(self, prefix: str) -> tuple[int, int]:
+        count = size = 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/"):
+            for item in page.get("Contents", []):
+                if not item["Key"].rsplit("/", 1)[-1].startswith(WARM_UP):
+                    count += 1
+                    size += item["Size"]
+        return count, size
+
+    def _empty(self) -> None:
+        # Every measurement leaves up to ~0.5 GB in the server: dropped, so the server does not grow all run long.
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
+        for upload in self.client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []):
+            self.client.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+def interleaved(
+    harness: Harness,
+    cells: list[tuple[Workload, list[str]]],
+    repeats: int,
+    once_past: float,
+    on_result: Callable[[Measurement, str], None],
+) -> tuple[list[Measurement], list[tuple[str, str, str]], list[str]]:
+    """
+    Warm measurements of each workload's contenders, repeated in rounds whose order rotates, so that a noisy
+    neighbour or a slow spell of a shared machine falls on all contenders alike.
+
+    :param harness: The harness.
+    :param cells: Each workload and its contenders, in order.
+    :param repeats: Rounds.
+    :param once_past: A measurement whose first run takes longer than this many seconds runs once.
+    :param on_result: Told each measurement and its round's label.
+    :return: The measurements, the failures (workload, contender, error) and what ran once.
+    """
+    runs: list[Measurement] = []
+    failures: list[tuple[str, str, str]] = []
+    once: set[str] = set()
+    for repeat in range(repeats):
+        for index, (workload, contenders) in enumerate(cells):
+            shift = (repeat + index) % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
+                name = f"{workload.key}/{contender}"
+                if repeat and name in once:
+                    continue
+                try:
+                    run = harness.measure("warm", workload, contender)
+                except (RuntimeError, subprocess.TimeoutExpired) as error:
+                    log(f"[round {repeat + 1}/{repeats}] {name} FAILED: {error}")
+                    failures.append((workload.key, contender, str(error)))
+                    continue
+                run.repeat = repeat
+                runs.append(run)
+                on_result(run, f"[round {repeat + 1}/{repeats}]")
+                if repeat == 0 and run.seconds > once_past:
+                    once.add(name)
+    return runs, failures, sorted(once)

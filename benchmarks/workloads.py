@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,6 @@ class Workload:
             return f"{self.writes} concurrent writes of {self.features:,} features (lists in memory)"
         source = "a generator" if self.streamed else "a list in memory"
         return f"one write of {self.features:,} features from {source}"
-
-    def as_dict(self) -> dict[str, Any]:
-        """
-        The workload as JSON-ready data.
-
-        :return: Its fields and title.
-        """
-        return {**asdict(self), "title": self.title()}
 
 
 def workloads(quick: bool) -> dict[str, Workload]:

@@ -1,17 +1,19 @@
-"""The peers report's chart: throughput, worst event-loop stall and peak RSS growth, per contender and workload."""
+"""The peers report's chart (throughput, worst event-loop stall, peak RSS growth) and its Markdown table."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no screen here: render to a file only
 
 import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
 
-__all__ = ["OURS", "RATES", "WORKLOADS", "draw", "short"]
+from benchmarks.report import Summary
+
+__all__ = ["draw", "markdown", "short"]
 
 OURS = ("AsyncS3Sink", "S3Sink")
 WORKLOADS = ("single", "concurrent", "stream-300k")
@@ -39,7 +41,7 @@ def short(value: float) -> str:
     return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
 
 
-def draw(summary: dict[str, Any], titles: dict[str, str], path: Path, caption: str) -> None:
+def draw(summary: Summary, titles: dict[str, str], path: Path, caption: str) -> None:
     """
     Three panels side by side, the contenders down each, a bar per workload with its value at the end.
 
@@ -59,7 +61,9 @@ def draw(summary: dict[str, Any], titles: dict[str, str], path: Path, caption: s
             key, unit = shown[workload]
             offset = (slot - (len(workloads) - 1) / 2) * height
             figures = summary[workload]
-            rows = [(i + offset, figures[name][key]) for i, name in enumerate(contenders) if name in figures]
+            rows = [
+                (i + offset, float(getattr(figures[name], key))) for i, name in enumerate(contenders) if name in figures
+            ]
             # A bar of 0 has no place on a log scale: drawn as 0.05, labelled with its value.
             axis.barh([y for y, _ in rows], [max(v, 0.05) for _, v in rows], height, color=COLOURS[workload])
             for y, value in rows:
@@ -75,7 +79,7 @@ def draw(summary: dict[str, Any], titles: dict[str, str], path: Path, caption: s
         if label.get_text() in OURS:
             label.set_fontweight("bold")
     axes[0].set_xlabel("MB/s for one write (single, stream-300k), writes/s for the concurrent writes", fontsize=8)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[key]) for key in workloads]
+    handles = [Rectangle((0, 0), 1, 1, color=COLOURS[key]) for key in workloads]
     legend = [f"{key}: {titles[key]}" for key in workloads]
     figure.legend(handles, legend, loc="lower center", ncol=len(workloads), fontsize=8.5, frameon=False)
     figure.suptitle(f"model-runner-sink and its peers, writing GeoJSON to S3 (moto)\n{caption}", fontsize=11)
@@ -83,3 +87,30 @@ def draw(summary: dict[str, Any], titles: dict[str, str], path: Path, caption: s
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def markdown(summary: Summary, cold: dict[str, dict[str, float]]) -> str:
+    """
+    The chart's figures as a Markdown table: a row per contender; per workload throughput, stall, RSS growth and
+    CPU per write; then the cold start's stall.
+
+    :param summary: The peers report's summary.
+    :param cold: Per contender, the cold start's ``stall_ms``.
+    :return: The table.
+    """
+    shown = [key for key in WORKLOADS if summary.get(key)]
+    head = ["contender", "call"]
+    for key in shown:
+        head += [f"{key} {RATES[key][1]}", "stall ms", "ΔRSS MB", "CPU ms/write"]
+    head.append("cold-start stall ms")
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+    for name in dict.fromkeys(name for key in shown for name in summary[key]):
+        rows = [summary[key].get(name) for key in shown]
+        modes = dict.fromkeys(row.call_mode for row in rows if row)
+        cells = [f"**{name}**" if name in OURS else name, " / ".join(modes)]
+        for key, row in zip(shown, rows, strict=True):
+            figures = (RATES[key][0], "stall_ms", "rss_growth_mb", "cpu_ms_per_write")
+            cells += [short(float(getattr(row, figure))) if row else "-" for figure in figures]
+        cells.append(short(cold[name]["stall_ms"]) if name in cold else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

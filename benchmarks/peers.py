@@ -1,21 +1,4 @@
-"""
-The peers: what a user would pick instead of this project's sinks, each called the way an asyncio service would.
-
-* ``aioboto3``: stdlib ``json.dumps`` of the whole collection into a ``BytesIO``, then ``upload_fileobj``
-  (boto3's transfer defaults: 8 MiB threshold and parts, 10 at once), awaited.
-* ``obstore``: ``orjson.dumps`` of the whole collection, then ``obstore.put_async`` to an ``S3Store`` (its
-  defaults: multipart past 5 MiB, 12 parts at once, SHA-256-signed bodies), awaited.
-* ``smart_open``: ``smart_open.open("s3://...", "wb")`` on a shared boto3 client, written a feature at a time
-  with ``orjson.dumps`` (its default: a multipart upload of 50 MiB parts), through ``asyncio.to_thread``.
-* ``s3fs``: ``orjson.dumps`` of the whole collection, then ``S3FileSystem._pipe_file``, its async API (one
-  ``PutObject`` below 100 MiB), awaited.
-
-Serialisation is part of each write, as it is for :class:`AsyncS3Sink`; a client made once per contender serves
-every write. A streamed collection reaches smart_open as the generator it is; the others need it whole, so they
-get it as a list made before the clock starts, as the seed does. The boto-based peers turn off botocore's
-SHA-256 of bodies over plain HTTP as the seed, the floor and the sinks do (it does not happen over HTTPS);
-obstore signs bodies on real S3 too, so it keeps its default.
-"""
+"""The peers: what a user would pick instead of this project's sinks (benchmarks/README.md says how each writes)."""
 
 from __future__ import annotations
 
@@ -42,7 +25,7 @@ from benchmarks.contenders import Contender, Job
 from model_runner.sink.async_s3_sink import object_key
 from model_runner.sink.encoding import COLLECTION_HEAD, COLLECTION_TAIL
 
-__all__ = ["PEERS"]
+__all__ = ["CONTENDERS"]
 
 
 def _config(kind: type[Config] = Config) -> Any:
@@ -66,7 +49,8 @@ class _AsyncPeer(Contender):
     ) -> None:
         await self._stack.aclose()
 
-    def prepare(self, features: Iterable[Any]) -> Any:
+    @classmethod
+    def prepare(cls, features: Iterable[Any]) -> Any:
         """
         The collection as a list, made before the clock starts: these peers serialise it whole.
 
@@ -162,18 +146,12 @@ class SmartOpenPeer(Contender):
 
     key = "smart_open"
 
-    def __init__(self, bucket: str, prefix: str) -> None:
-        super().__init__(bucket, prefix)
-        self._client = boto3.client("s3", config=_config())
+    call_mode = "to_thread"
 
-    def call_mode(self, writes: int) -> str:
-        """
-        How smart_open is called.
-
-        :param writes: Writes in the workload.
-        :return: ``to_thread``.
-        """
-        return "to_thread"
+    async def __aenter__(self) -> SmartOpenPeer:
+        # In a worker thread, as the writes: boto3 would otherwise make its client on the loop.
+        self._client = await asyncio.to_thread(boto3.client, "s3", config=_config())
+        return self
 
     async def run(self, jobs: list[Job]) -> int:
         """
@@ -195,4 +173,6 @@ class SmartOpenPeer(Contender):
         return size
 
 
-PEERS: dict[str, type[Contender]] = {kind.key: kind for kind in (Aioboto3Peer, ObstorePeer, SmartOpenPeer, S3fsPeer)}
+CONTENDERS: dict[str, type[Contender]] = {
+    kind.key: kind for kind in (Aioboto3Peer, ObstorePeer, SmartOpenPeer, S3fsPeer)
+}

@@ -1,0 +1,262 @@
+"""
+What the sinks are measured against (benchmarks/README.md describes each): the original model runner's write
+("seed"), the network floor ("floor": bytes serialised before the clock) and issue 12's CPU floors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import tempfile
+import zlib
+from base64 import b64encode
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import boto3
+import geojson
+import orjson
+from aiobotocore.session import AioSession
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from benchmarks.contenders import Contender, Job
+from model_runner.sink import ClientSettings, SinkSettings
+from model_runner.sink.async_s3_sink import object_key
+from model_runner.sink.encoding import COLLECTION_HEAD, COLLECTION_TAIL
+
+if TYPE_CHECKING:
+    # Stubs, in the lint extra only.
+    from types_aiobotocore_s3.client import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+__all__ = ["CONTENDERS", "FloorContender", "SeedContender"]
+
+MiB = 1024 * 1024
+
+# The floors' checksums, in ONE place: the same as the sink's, so that the floors pay what the sink pays. Today
+# the sink sends each body's CRC32 (ChecksumAlgorithm CRC32 on create: a composite checksum for a multipart
+# object). When it moves to a full-object CRC32, set ChecksumType "FULL_OBJECT" here and send the object's CRC32
+# on complete (CREATE_CHECKSUM, COMPLETE_CHECKSUM).
+CREATE_CHECKSUM: dict[str, Any] = {"ChecksumAlgorithm": "CRC32"}
+
+
+def body_checksum(body: bytes | memoryview) -> dict[str, Any]:
+    """
+    The checksum arguments of one ``PutObject`` or ``UploadPart``, as the sink sends them.
+
+    :param body: The request's body.
+    :return: Keyword arguments for the request.
+    """
+    return {"ChecksumCRC32": b64encode(zlib.crc32(body).to_bytes(4, "big")).decode("ascii")}
+
+
+def complete_checksum(parts: list[CompletedPartTypeDef]) -> dict[str, Any]:
+    """
+    The checksum arguments of ``CompleteMultipartUpload``: none while the sink sends composite checksums.
+
+    :param parts: The parts, with their own checksums.
+    :return: Keyword arguments for the request.
+    """
+    return {}
+
+
+class SeedContender(Contender):
+    """The seed's write, reproduced: a blocking call on the loop for one write, ``to_thread`` for several."""
+
+    key = "seed"
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        super().__init__(bucket, prefix)
+        config = Config(
+            region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            retries={"max_attempts": 15, "mode": "standard"},
+            s3={"payload_signing_enabled": False},
+        )
+        self.s3_client = boto3.client("s3", config=config)
+
+    def mode(self, writes: int) -> str:
+        """:return: ``direct`` for one write, as a sync caller in a service would; ``to_thread`` for several."""
+        return "direct" if writes == 1 else "to_thread"
+
+    @classmethod
+    def prepare(cls, features: Iterable[Any]) -> Any:
+        """:return: The features as a list (made before the clock): the seed needs one."""
+        return features if isinstance(features, list) else list(features)
+
+    async def run(self, jobs: list[Job]) -> int:
+        """
+        Write the collections.
+
+        :param jobs: ``(image id, features)`` pairs.
+        :return: Bytes stored.
+        """
+        if len(jobs) == 1:
+            return self.write(*jobs[0])
+        return sum(await asyncio.gather(*(asyncio.to_thread(self.write, *job) for job in jobs)))
+
+    def write(self, image_id: str, features: list[Any]) -> int:
+        """
+        Write a feature collection as the seed's ``S3Sink.write`` does.
+
+        :param image_id: The image id; its last ``/`` segment names the object.
+        :param features: The features.
+        :return: Bytes stored.
+        """
+        collection = geojson.FeatureCollection(features)
+        # The seed checks the bucket before every write.
+        try:
+            self.s3_client.head_bucket(Bucket=self.bucket)
+        except ClientError as error:
+            raise RuntimeError("seed: bucket unusable") from error
+        transfer = TransferConfig(
+            multipart_threshold=64 * MiB, max_concurrency=10, multipart_chunksize=128 * MiB, use_threads=True
+        )
+        with tempfile.NamedTemporaryFile(delete=True) as temporary:
+            with open(temporary.name, "w") as text:
+                text.write(geojson.dumps(collection))
+            self.s3_client.upload_file(
+                Filename=temporary.name,
+                Bucket=self.bucket,
+                Key=object_key(self.prefix, image_id),
+                Config=transfer,
+                ExtraArgs={"ACL": "bucket-owner-full-control"},
+            )
+            return os.path.getsize(temporary.name)
+
+
+def _owned_body(data: memoryview) -> io.BytesIO:
+    # A BytesIO that owns its buffer: one made from bytes shares them, and aiohttp's getbuffer() on it would
+    # copy the whole body on the event loop, a cost of the harness and not of the upload.
+    body = io.BytesIO()
+    body.write(data)
+    body.seek(0)
+    return body
+
+
+def _encode(features: list[Any], batch: int) -> bytes:
+    # As the sink encodes: orjson over batches of features, joined into one collection.
+    pieces = [COLLECTION_HEAD]
+    for start in range(0, len(features), batch):
+        pieces += [b"," if start else b"", orjson.dumps(features[start : start + batch])[1:-1]]
+    return b"".join([*pieces, COLLECTION_TAIL])
+
+
+class FloorContender(Contender):
+    """
+    aiobotocore uploading bytes serialised before the clock starts, with the sink's plan: one ``PutObject`` below
+    the multipart threshold, else parts of ``part_size``, ``max_parts_in_flight`` at once, on a client with the
+    sink's pool and options.
+    """
+
+    key = "floor"
+    #: Serialise in the clock (orjson in batches of 1,000 features), as the CPU floors do.
+    encode_in_clock: ClassVar[bool] = False
+    #: One PutObject whatever the size.
+    single_put: ClassVar[bool] = False
+    settings: ClassVar[SinkSettings] = SinkSettings()
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        super().__init__(bucket, prefix)
+        self._stack = AsyncExitStack()
+        self._client: S3Client | None = None
+
+    async def __aenter__(self) -> FloorContender:
+        config = Config(
+            max_pool_connections=ClientSettings().max_pool_connections,
+            s3={"payload_signing_enabled": False},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        client = AioSession().create_client("s3", config=config)
+        self._client = await self._stack.enter_async_context(client)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    @classmethod
+    def prepare(cls, features: Iterable[Any]) -> Any:
+        """
+        The features as a list; for the network floor, serialised and cut into checksummed part bodies.
+
+        :param features: The features.
+        :return: The payload of one write.
+        """
+        features = list(features)
+        return features if cls.encode_in_clock else cls._bodies(_encode(features, len(features) or 1))
+
+    @classmethod
+    def _bodies(cls, body: bytes) -> list[tuple[io.BytesIO, dict[str, Any]]]:
+        single = cls.single_put or len(body) < cls.settings.multipart_threshold
+        size = len(body) if single else cls.settings.part_size
+        view = memoryview(body)
+        pieces = [view[offset : offset + size] for offset in range(0, len(body), size)]
+        return [(_owned_body(piece), body_checksum(piece)) for piece in pieces]
+
+    async def run(self, jobs: list[Job]) -> int:
+        """
+        Upload the bodies (serialised here first for the CPU floors).
+
+        :param jobs: ``(image id, payload)`` pairs.
+        :return: Bytes stored.
+        """
+        return sum(await asyncio.gather(*(self._upload(image_id, payload) for image_id, payload in jobs)))
+
+    async def _upload(self, image_id: str, payload: Any) -> int:
+        parts = self._bodies(_encode(payload, 1000)) if self.encode_in_clock else payload
+        key, arguments = object_key(self.prefix, image_id), dict[str, Any](self.settings.object_arguments())
+        assert self._client is not None
+        client = self._client
+        size = sum(len(body.getbuffer()) for body, _ in parts)
+        if len(parts) == 1:
+            body, checksum = parts[0]
+            await client.put_object(Bucket=self.bucket, Key=key, Body=body, **checksum, **arguments)
+            return size
+        created = await client.create_multipart_upload(Bucket=self.bucket, Key=key, **CREATE_CHECKSUM, **arguments)
+        upload_id = created["UploadId"]
+        slots = asyncio.Semaphore(self.settings.max_parts_in_flight)
+
+        async def part(number: int, body: io.BytesIO, checksum: dict[str, Any]) -> CompletedPartTypeDef:
+            async with slots:
+                response = await client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body, **checksum
+                )
+            return {"PartNumber": number, "ETag": response["ETag"], **checksum}  # type: ignore[typeddict-item]
+
+        stored = await asyncio.gather(*(part(number, *piece) for number, piece in enumerate(parts, 1)))
+        await client.complete_multipart_upload(
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": list(stored)},
+            **complete_checksum(list(stored)),
+        )
+        return size
+
+
+class MultipartFloor(FloorContender):
+    """Issue 12's CPU floor: orjson in batches of 1,000 in the clock, then 8 MiB parts, 4 at once."""
+
+    key = "floor-multipart"
+    encode_in_clock = True
+    settings = SinkSettings(part_size=8 * MiB, multipart_threshold=8 * MiB, max_parts_in_flight=4)
+
+
+class PutFloor(FloorContender):
+    """The second CPU floor: the same encoding, then one ``PutObject`` of the whole collection."""
+
+    key = "floor-put"
+    encode_in_clock = True
+    single_put = True
+
+
+CONTENDERS: dict[str, type[Contender]] = {
+    kind.key: kind for kind in (SeedContender, FloorContender, MultipartFloor, PutFloor)
+}
