@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_runner.sink.settings import MAX_PART_SIZE, MIN_PART_SIZE, MiB, SinkSettings
-from model_runner.sink.upload import MAX_PARTS, PartPlan, _single_error, composite_crc32, part_size_for
+from model_runner.sink.upload.parts import MAX_PARTS, PartPlan, composite_crc32, part_size_for
+from model_runner.sink.upload.stream import single_error
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup, ExceptionGroup
@@ -104,7 +105,7 @@ def test_parts_failing_together_raise_the_first_error_itself() -> None:
     # Parts in flight often fail at once for one cause; callers catch the ClientError, not a task group's wrapper.
     first, second = ValueError("part 1"), ValueError("part 2")
     nested = BaseExceptionGroup("parts", [KeyboardInterrupt(), ExceptionGroup("inner", [first, second])])
-    assert _single_error(nested) is first
-    assert _single_error(BaseExceptionGroup("parts", [second, first])) is second
+    assert single_error(nested) is first
+    assert single_error(BaseExceptionGroup("parts", [second, first])) is second
     only_cancelled = BaseExceptionGroup("parts", [KeyboardInterrupt()])
-    assert isinstance(_single_error(only_cancelled), KeyboardInterrupt)
+    assert isinstance(single_error(only_cancelled), KeyboardInterrupt)

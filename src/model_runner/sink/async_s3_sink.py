@@ -286,15 +286,13 @@ class AsyncS3Sink(AsyncSink):
             )
             async with aclosing(chunks):
                 outcome = await upload_object(
-                    shared.client,
+                    shared,
                     self.bucket,
                     key,
                     chunks,
                     self.settings,
                     metadata=dict(metadata) if metadata else None,
                     events=watch,
-                    budget=shared.budget,
-                    limiter=shared.limiter,
                 )
         return WriteResult(
             bucket=self.bucket,

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -35,7 +35,10 @@ from model_runner.sink.connections import SharedTlsSession
 from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, forget_loop_credentials, refresh
 from model_runner.sink.endpoints import resolve_once_per_bucket
 from model_runner.sink.settings import SinkSettings
-from model_runner.sink.upload import ABORT_TIMEOUT_SECONDS
+from model_runner.sink.upload.settle import ABORT_TIMEOUT_SECONDS
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
 
 __all__ = [
     "CLOSE_WAIT_SECONDS",
@@ -115,7 +118,7 @@ class ClientOptions:
 class SharedClient:
     """A client and what the writes through it share."""
 
-    client: Any
+    client: S3Client
     # Bytes of request bodies that the writes through this client may hold at once.
     budget: ByteBudget
     # Worker threads that the writes through this client may use at once.

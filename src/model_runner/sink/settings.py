@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["MiB", "SinkSettings"]
 
@@ -117,7 +117,7 @@ class SinkSettings:
         arguments.update(self.bucket_arguments())
         return arguments
 
-    def bucket_arguments(self) -> dict[str, str]:
+    def bucket_arguments(self) -> dict[str, Any]:
         """
         The arguments every request on the bucket carries.
 
