@@ -16,8 +16,8 @@ MODULES = sorted(SINK.rglob("*.py"))
 # The sinks' constructors, which the constructor rework of issue 13 (another branch) groups by concern: remove
 # these once it is merged.
 PENDING = {
-    "async_s3_sink.py": ["__init__ (line 114) takes 11 parameters, more than 8"],
-    "s3_sink.py": ["__init__ (line 378) takes 11 parameters, more than 8"],
+    "async_s3_sink.py": ["__init__ takes 11 parameters, more than 8"],
+    "s3_sink.py": ["__init__ takes 11 parameters, more than 8"],
 }
 
 
@@ -26,7 +26,7 @@ def too_large(source: str) -> list[str]:
     The functions of a module that are too long or take too many parameters.
 
     :param source: The module's text.
-    :return: One line per function that breaks a limit, naming it, its line and the limit.
+    :return: One line per function that breaks a limit, naming it and the limit.
     """
     found = []
     for node in ast.walk(ast.parse(source)):
@@ -39,9 +39,9 @@ def too_large(source: str) -> list[str]:
         first = min([node.lineno, *(decorator.lineno for decorator in node.decorator_list)])
         lines = (node.end_lineno or node.lineno) - first + 1
         if lines > MAX_LINES:
-            found.append(f"{node.name} (line {node.lineno}) is {lines} lines long, more than {MAX_LINES}")
+            found.append(f"{node.name} is {lines} lines long, more than {MAX_LINES}")
         if parameters > MAX_PARAMETERS:
-            found.append(f"{node.name} (line {node.lineno}) takes {parameters} parameters, more than {MAX_PARAMETERS}")
+            found.append(f"{node.name} takes {parameters} parameters, more than {MAX_PARAMETERS}")
     return found
 
 
@@ -49,8 +49,8 @@ def test_the_check_finds_a_long_function_and_one_with_many_parameters() -> None:
     long_body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))
     source = f"def long():\n{long_body}\n\nasync def wide(self, a, b, c, d, e, f, *, g, h):\n    pass\n"
     assert too_large(source) == [
-        f"long (line 1) is {MAX_LINES + 1} lines long, more than {MAX_LINES}",
-        f"wide (line {MAX_LINES + 3}) takes 9 parameters, more than {MAX_PARAMETERS}",
+        f"long is {MAX_LINES + 1} lines long, more than {MAX_LINES}",
+        f"wide takes 9 parameters, more than {MAX_PARAMETERS}",
     ]
     assert too_large("def fits(a, b, *args, **kwargs):\n    pass\n") == []
 

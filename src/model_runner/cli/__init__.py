@@ -135,6 +135,7 @@ def _run_backfill(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         resume=args.resume,
         dry_run=args.dry_run,
+        overwrite=args.overwrite,
     )
     return backfill(args.sources, target, dask=args.dask, stop_timeout=args.stop_timeout)
 
@@ -187,6 +188,12 @@ def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         dest="resume",
         action="store_false",
         help="write every file, even those whose object is up to date",
+    )
+    backfill_parser.add_argument(
+        "--no-overwrite",
+        dest="overwrite",
+        action="store_false",
+        help="never replace an object: a file whose key already has one is skipped",
     )
     backfill_parser.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
 

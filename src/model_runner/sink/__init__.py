@@ -8,6 +8,7 @@ from model_runner.sink.exceptions import (
     ChecksumMismatchError,
     FeatureEncodingError,
     InvalidAssumedRoleException,
+    ObjectExistsError,
     SinkError,
 )
 from model_runner.sink.metrics import OpenTelemetryMetrics, SinkMetrics
@@ -22,6 +23,7 @@ __all__ = [
     "ChecksumMismatchError",
     "FeatureEncodingError",
     "InvalidAssumedRoleException",
+    "ObjectExistsError",
     "OpenTelemetryMetrics",
     "S3Sink",
     "Sink",

@@ -19,13 +19,14 @@ from model_runner.api import SinkMode, SinkType
 from model_runner.sink.clients import CLOSE_WAIT_SECONDS, ClientOptions, InFlight, SharedClient, shared_client
 from model_runner.sink.credentials import Clock
 from model_runner.sink.encoding import EncodingStats, FeatureSource, encode_collection
-from model_runner.sink.exceptions import FeatureEncodingError, SinkError
+from model_runner.sink.exceptions import FeatureEncodingError, ObjectExistsError, SinkError
 from model_runner.sink.metrics import SinkMetrics, error_type
 from model_runner.sink.responses import error_code, retry_attempts
 from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.sink import AsyncSink
 from model_runner.sink.upload import upload_object
+from model_runner.sink.upload.conditional import check_overwrite
 
 __all__ = ["AsyncS3Sink", "ProgressCallback", "object_key"]
 
@@ -208,6 +209,7 @@ class AsyncS3Sink(AsyncSink):
         *,
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
+        overwrite: bool = True,
     ) -> bool:
         """
         Write the features of one image to S3 as a GeoJSON FeatureCollection.
@@ -218,15 +220,19 @@ class AsyncS3Sink(AsyncSink):
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored; see
             :meth:`write_with_result`.
+        :param overwrite: Whether an existing object with the key may be replaced; see :meth:`write_with_result`.
         :return: `True` if the object was stored, `False` if the bucket does not exist or is forbidden.
         :raises ClientError: If S3 refuses the upload for another reason, after retries.
+        :raises ObjectExistsError: If ``overwrite`` is false and an object has the key; nothing is stored.
         :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
         :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
         :raises ValueError: If the image id has no file name.
         :raises TypeError: If ``features`` is not a collection of features.
         """
         try:
-            await self.write_with_result(image_id, features, metadata=metadata, on_progress=on_progress)
+            await self.write_with_result(
+                image_id, features, metadata=metadata, on_progress=on_progress, overwrite=overwrite
+            )
         except ClientError as error:
             if not is_unusable_bucket_error(error):
                 raise
@@ -240,6 +246,7 @@ class AsyncS3Sink(AsyncSink):
         *,
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
+        overwrite: bool = True,
     ) -> WriteResult:
         """
         Write the features of one image, and tell what the write did.
@@ -250,22 +257,32 @@ class AsyncS3Sink(AsyncSink):
         fails the write, which then stores nothing; one raised by the last call, once the object is stored, is
         logged and ignored.
 
+        With ``overwrite=False`` the object is stored only if no object has its key: the request that stores it
+        (``PutObject``, or ``CompleteMultipartUpload``) is conditional (``If-None-Match: *``), so of writers racing
+        for a key exactly one wins. The others get :class:`ObjectExistsError`; the existing object is untouched and
+        their multipart upload aborted. A request S3 applied whose answer was lost, retried, is recognised as this
+        write's own by the size and checksum of the object, and succeeds.
+
         :param image_id: The identifier for the image, used to generate the S3 object key.
         :param features: GeoJSON features: a list, any iterable, or an async iterable.
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as the write advances.
+        :param overwrite: Whether an existing object with the key may be replaced (the default, as the seed does).
         :return: The stored object's key, size, checksum and costs.
         :raises ClientError: If S3 refuses the upload, after retries, a missing bucket included.
+        :raises ObjectExistsError: If ``overwrite`` is false and an object has the key; nothing is stored.
+        :raises TypeError: If ``overwrite`` is not a bool.
         :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
         :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
         """
         key = self.object_key(image_id)
         _check_features(features)
+        check_overwrite(overwrite)
         watch = _WriteWatch(self.bucket, key, on_progress, self._metrics)
         watch.started()
         try:
             async with self._writes.track():
-                result = await self._write(key, features, metadata, watch)
+                result = await self._write(key, features, metadata, watch, overwrite)
         except BaseException as error:
             watch.failed(error)
             raise
@@ -273,7 +290,12 @@ class AsyncS3Sink(AsyncSink):
         return result
 
     async def _write(
-        self, key: str, features: FeatureSource, metadata: Mapping[str, str] | None, watch: _WriteWatch
+        self,
+        key: str,
+        features: FeatureSource,
+        metadata: Mapping[str, str] | None,
+        watch: _WriteWatch,
+        overwrite: bool,
     ) -> WriteResult:
         async with shared_client(self._client_options) as shared:
             await self._check_bucket_once(shared)
@@ -293,6 +315,7 @@ class AsyncS3Sink(AsyncSink):
                     self.settings,
                     metadata=dict(metadata) if metadata else None,
                     events=watch,
+                    overwrite=overwrite,
                 )
         return WriteResult(
             bucket=self.bucket,
@@ -429,6 +452,9 @@ class _WriteWatch:
         }
         if isinstance(error, anyio.get_cancelled_exc_class()):
             logger.info("write of s3://%s/%s cancelled after %.3f s", self.bucket, self.key, seconds, extra=extra)
+        elif isinstance(error, ObjectExistsError):
+            # What the caller asked for (overwrite=False), not a failure of the sink.
+            logger.info("write of s3://%s/%s refused: the object exists", self.bucket, self.key, extra=extra)
         elif isinstance(error, ClientError):
             response: Mapping[str, Any] = error.response
             extra["error_code"] = error_code(error)

@@ -32,6 +32,7 @@ from model_runner.sink.metrics import SinkMetrics
 from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.sink import Sink
+from model_runner.sink.upload.conditional import check_overwrite
 
 __all__ = ["S3Sink", "logger"]
 
@@ -451,6 +452,7 @@ class S3Sink(Sink):
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
+        overwrite: bool = True,
     ) -> bool:
         """
         Write aggregated GeoJSON feature collection to the S3 bucket.
@@ -472,12 +474,18 @@ class S3Sink(Sink):
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
             thread.
         :param timeout: Seconds the write may take, features pulled included; `None` for no limit.
+        :param overwrite: Whether an existing object with the key may be replaced; with `False`, the object is
+            stored only if no object has its key (see :meth:`AsyncS3Sink.write_with_result
+            <model_runner.sink.async_s3_sink.AsyncS3Sink.write_with_result>`).
         :return: `True` if the upload was successful, `False` otherwise.
 
         :raises ClientError: If there are errors while uploading the file to S3.
+        :raises ObjectExistsError: If ``overwrite`` is false and an object has the key; nothing is stored.
         :raises TimeoutError: If the write did not finish within ``timeout``; it was cancelled.
         """
-        return self._write(self._sink.write, image_id, features, metadata, on_progress, timeout)
+        check_overwrite(overwrite)
+        write = partial(self._sink.write, overwrite=overwrite)
+        return self._write(write, image_id, features, metadata, on_progress, timeout)
 
     def write_with_result(
         self,
@@ -487,6 +495,7 @@ class S3Sink(Sink):
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
+        overwrite: bool = True,
     ) -> WriteResult:
         """
         Write aggregated GeoJSON feature collection to the S3 bucket, and tell what the write did.
@@ -499,11 +508,15 @@ class S3Sink(Sink):
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
             thread; the last call gives the result's ``bytes`` and ``features``.
         :param timeout: Seconds the write may take, features pulled included; `None` for no limit.
+        :param overwrite: Whether an existing object with the key may be replaced, as for :meth:`write`.
         :return: The stored object's key, size, checksum and costs.
         :raises ClientError: If S3 refuses the upload, after retries, a missing bucket included.
+        :raises ObjectExistsError: If ``overwrite`` is false and an object has the key; nothing is stored.
         :raises TimeoutError: If the write did not finish within ``timeout``; it was cancelled.
         """
-        return self._write(self._sink.write_with_result, image_id, features, metadata, on_progress, timeout)
+        check_overwrite(overwrite)
+        write = partial(self._sink.write_with_result, overwrite=overwrite)
+        return self._write(write, image_id, features, metadata, on_progress, timeout)
 
     def validate_s3_bucket(self, *, timeout: float | None = None) -> bool:
         """

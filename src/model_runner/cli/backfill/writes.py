@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from model_runner.cli.backfill import DEFAULT_CONCURRENCY
 from model_runner.cli.backfill.reading import inspect_source, read_features
 from model_runner.cli.backfill.sources import Outcome, Source, SourceError
-from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, s3_sink
+from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, ObjectExistsError, s3_sink
 from model_runner.sink.responses import error_code
 
 __all__ = [
@@ -54,6 +54,8 @@ class Target:
     :param concurrency: Files written at once (per batch with dask).
     :param resume: Skip the files whose object already carries their digest.
     :param dry_run: Tell what would be written, write nothing.
+    :param overwrite: Replace an existing object whose digest differs; if not, a file whose key has an object is
+        skipped (S3 refuses the write: the object stays as it is).
     """
 
     bucket: str
@@ -62,6 +64,7 @@ class Target:
     concurrency: int = DEFAULT_CONCURRENCY
     resume: bool = True
     dry_run: bool = False
+    overwrite: bool = True
 
     def sink(self) -> AsyncS3Sink:
         """
@@ -93,7 +96,11 @@ async def _backfill_one(sink: AsyncS3Sink, source: Source, target: Target) -> Ou
             return Outcome(path, "planned", key, bytes=size)
         # Closed here, not by the garbage collector: a cancelled write leaves the generator suspended, file open.
         with closing(read_features(source.path)) as features:
-            await sink.write_with_result(source.image_id, features, metadata={DIGEST_METADATA: digest})
+            await sink.write_with_result(
+                source.image_id, features, metadata={DIGEST_METADATA: digest}, overwrite=target.overwrite
+            )
+    except ObjectExistsError:
+        return Outcome(path, "skipped", key, bytes=size)
     except Exception as error:
         return Outcome(path, "failed", key, _reason(error), size)
     return Outcome(path, "written", key, bytes=size)

@@ -5,14 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 from botocore.exceptions import ClientError
 
+from model_runner.sink.exceptions import ObjectExistsError
 from model_runner.sink.responses import error_code, retry_attempts
 from model_runner.sink.settings import SinkSettings
+from model_runner.sink.upload.conditional import (
+    SentObject,
+    condition,
+    is_precondition_failed,
+    retry_conflicts,
+    stored_by_this_write,
+    was_retried,
+)
 from model_runner.sink.upload.outcome import UploadEvents, UploadOutcome, tell_retries, verify_checksum
 from model_runner.sink.upload.parts import composite_crc32, seal
 from model_runner.sink.upload.settle import (
@@ -56,6 +66,8 @@ class MultipartUpload:
     :param settings: The options every request on the bucket carries.
     :param object_arguments: The object's options (content type, ACL, metadata...), for the create.
     :param events: Told of each stored part and each retried request.
+    :param overwrite: Whether the complete may replace an existing object with the key; if not, it is conditional
+        (``If-None-Match: *``), and refused with :class:`ObjectExistsError` when an object has the key.
     """
 
     def __init__(
@@ -67,6 +79,7 @@ class MultipartUpload:
         *,
         object_arguments: dict[str, Any],
         events: UploadEvents | None = None,
+        overwrite: bool = True,
     ) -> None:
         self.bucket = bucket
         self.key = key
@@ -79,6 +92,7 @@ class MultipartUpload:
         self._bucket_arguments = settings.bucket_arguments()
         self._object_arguments = object_arguments
         self._events = events
+        self._overwrite = overwrite
         self._parts: dict[int, CompletedPartTypeDef] = {}
         # Completed, or aborted: nothing more to clean up.
         self._settled = False
@@ -147,28 +161,52 @@ class MultipartUpload:
 
         :raises botocore.exceptions.ClientError: If S3 refuses it after retries.
         :raises ChecksumMismatchError: If S3 stored other bytes than those sent.
+        :raises ObjectExistsError: If the upload is conditional and an object has the key; the upload is left for
+            the ``async with`` block to abort.
         """
         assert self.upload_id is not None, "complete before create"
         parts = [self._parts[number] for number in sorted(self._parts)]
-        completed = await finish_or_settle(
-            self._client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts},
-                **self._bucket_arguments,
-            ),
-            self._settle_cancelled_completion,
-        )
+        checksum = composite_crc32([part["ChecksumCRC32"] for part in parts])
+        arguments: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self.key,
+            "UploadId": self.upload_id,
+            "MultipartUpload": {"Parts": parts},
+            **self._bucket_arguments,
+            **condition(self._overwrite),
+        }
+
+        async def send() -> CompleteMultipartUploadOutputTypeDef:
+            request = self._client.complete_multipart_upload(**arguments)
+            return await finish_or_settle(request, self._settle_cancelled_completion)
+
+        try:
+            completed: Mapping[str, Any] = await retry_conflicts(send, "CompleteMultipartUpload", self.key)
+        except ClientError as error:
+            if self._overwrite or not is_precondition_failed(error):
+                raise
+            completed = await self._own_object(checksum, error)
         self._settled = True
-        self.outcome.checksum = composite_crc32([part["ChecksumCRC32"] for part in parts])
-        verify_checksum(completed, self.outcome.checksum, self.key)
+        self._record(completed, checksum, len(parts))
+
+    def _record(self, completed: Mapping[str, Any], checksum: str, parts: int) -> None:
+        self.outcome.checksum = checksum
+        verify_checksum(completed, checksum, self.key)
         tell_retries(self._events, "CompleteMultipartUpload", completed)
         self.outcome.seconds = time.perf_counter() - self._started
-        self.outcome.parts = len(parts)
+        self.outcome.parts = parts
         self.outcome.retries += retry_attempts(completed)
         self.outcome.etag = completed.get("ETag", "")
         self.outcome.version_id = completed.get("VersionId")
+
+    async def _own_object(self, checksum: str, refusal: ClientError) -> Mapping[str, Any]:
+        # A conditional complete met an object with the key: this upload's own, if an earlier attempt applied.
+        if was_retried(refusal):
+            sent = SentObject(self.outcome.bytes, checksum)
+            head = await stored_by_this_write(self._client, self.bucket, self.key, sent, self._bucket_arguments)
+            if head is not None:
+                return {**head, "ResponseMetadata": refusal.response.get("ResponseMetadata", {})}
+        raise ObjectExistsError(self.bucket, self.key) from refusal
 
     async def abort(self) -> None:
         """

@@ -39,6 +39,7 @@ async def upload_object(
     *,
     metadata: dict[str, str] | None = None,
     events: UploadEvents | None = None,
+    overwrite: bool = True,
 ) -> UploadOutcome:
     """
     Store the concatenated chunks as one object, atomically: the object appears whole or not at all.
@@ -47,8 +48,7 @@ async def upload_object(
     parts are cut as chunks arrive, at most ``settings.max_parts_in_flight`` upload at once while the next is
     produced, and any failure or cancellation, anyio's or asyncio's own, aborts the upload before it propagates.
     A cancellation that comes while S3 stores the object (``PutObject``, ``CompleteMultipartUpload``) waits for
-    S3's answer, at most :data:`~model_runner.sink.upload.settle.ANSWER_TIMEOUT_SECONDS`, and the log tells whether
-    the object was stored.
+    S3's answer (:data:`~model_runner.sink.upload.settle.ANSWER_TIMEOUT_SECONDS`); the log tells if it is stored.
 
     Each chunk takes its bytes from the client's byte budget when it arrives, before the next is pulled, and gives
     them back once sent. The writes sharing a budget thus hold at most its limit plus one body, the larger of
@@ -62,13 +62,15 @@ async def upload_object(
     :param settings: Part sizes, concurrency and object options.
     :param metadata: User metadata of the object.
     :param events: Told of each stored part and each retried request.
+    :param overwrite: Whether an existing object with the key may be replaced. If not, the request that stores the
+        object is conditional (see :mod:`~model_runner.sink.upload.conditional`).
     :return: What S3 answered.
     :raises botocore.exceptions.ClientError: If S3 refuses a request after retries.
     :raises ChecksumMismatchError: If S3 stored other bytes than those sent.
+    :raises ObjectExistsError: If ``overwrite`` is false and an object has the key; nothing is stored, and no
+        multipart upload is left.
     """
-    object_arguments: dict[str, Any] = settings.object_arguments()
-    if metadata:
-        object_arguments["Metadata"] = metadata
+    object_arguments: dict[str, Any] = {**settings.object_arguments(), **({"Metadata": metadata} if metadata else {})}
     body = shared.budget.hold()
     try:
         pending: list[memoryview] = []
@@ -79,13 +81,13 @@ async def upload_object(
             pending.append(chunk)
             if body.size >= settings.multipart_threshold:
                 upload = MultipartUpload(
-                    shared, bucket, key, settings, object_arguments=object_arguments, events=events
+                    shared, bucket, key, settings, object_arguments=object_arguments, events=events, overwrite=overwrite
                 )
                 async with upload:
                     await _send_parts(_PartSender(upload, body, settings), pending, iterator)
                     await upload.complete()
                 return upload.outcome
-        return await put_object(shared, bucket, key, pending, object_arguments, events)
+        return await put_object(shared, bucket, key, pending, object_arguments, events, overwrite)
     finally:
         body.release()
 
