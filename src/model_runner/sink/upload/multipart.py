@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-import anyio.to_thread
 from botocore.exceptions import ClientError
 
 from model_runner.sink.exceptions import ObjectExistsError
@@ -24,7 +23,7 @@ from model_runner.sink.upload.conditional import (
     was_retried,
 )
 from model_runner.sink.upload.outcome import UploadEvents, UploadOutcome, tell_retries, verify_checksum
-from model_runner.sink.upload.parts import composite_crc32, seal
+from model_runner.sink.upload.parts import ObjectCrc
 from model_runner.sink.upload.settle import (
     ABORT_TIMEOUT_SECONDS,
     ANSWER_TIMEOUT_SECONDS,
@@ -94,6 +93,7 @@ class MultipartUpload:
         self._events = events
         self._overwrite = overwrite
         self._parts: dict[int, CompletedPartTypeDef] = {}
+        self._crc = ObjectCrc()
         # Completed, or aborted: nothing more to clean up.
         self._settled = False
         self._started = time.perf_counter()
@@ -118,7 +118,11 @@ class MultipartUpload:
         self._started = time.perf_counter()
         created = await finish_or_settle(
             self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="CRC32", **self._object_arguments
+                Bucket=self.bucket,
+                Key=self.key,
+                ChecksumAlgorithm="CRC32",
+                ChecksumType="FULL_OBJECT",
+                **self._object_arguments,
             ),
             self._abort_once_created,
         )
@@ -128,14 +132,16 @@ class MultipartUpload:
 
     async def send_part(self, number: int, pieces: list[memoryview]) -> None:
         """
-        Seal one part in a worker thread and send it.
+        Seal one part in a worker thread and send it with its CRC32. Parts are sealed in order, each folded into
+        the object's CRC32 (:class:`~model_runner.sink.upload.parts.ObjectCrc`): send parts numbered from 1, without
+        a gap; they may be sent concurrently.
 
         :param number: The part number, from 1.
         :param pieces: The part's bytes; emptied once copied into the request body.
         :raises botocore.exceptions.ClientError: If S3 refuses it after retries.
         """
         assert self.upload_id is not None, "send_part before create"
-        sealed = await anyio.to_thread.run_sync(seal, pieces, limiter=self._limiter)
+        sealed = await self._crc.seal(number, pieces, self._limiter)
         pieces.clear()
         response = await self._client.upload_part(
             Bucket=self.bucket,
@@ -156,7 +162,8 @@ class MultipartUpload:
 
     async def complete(self) -> None:
         """
-        Join the parts sent into the object. Cancelled while S3 completes it, it waits for S3's answer, aborts the
+        Join the parts sent into the object, giving S3 the CRC32 of its bytes, which S3 reports as the object's
+        checksum (``FULL_OBJECT``). Cancelled while S3 completes it, it waits for S3's answer, aborts the
         upload unless it was completed, and logs whether the object is stored, before the cancellation propagates.
 
         :raises botocore.exceptions.ClientError: If S3 refuses it after retries.
@@ -166,12 +173,14 @@ class MultipartUpload:
         """
         assert self.upload_id is not None, "complete before create"
         parts = [self._parts[number] for number in sorted(self._parts)]
-        checksum = composite_crc32([part["ChecksumCRC32"] for part in parts])
+        checksum = self._crc.checksum
         arguments: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": self.key,
             "UploadId": self.upload_id,
             "MultipartUpload": {"Parts": parts},
+            "ChecksumCRC32": checksum,
+            "ChecksumType": "FULL_OBJECT",
             **self._bucket_arguments,
             **condition(self._overwrite),
         }

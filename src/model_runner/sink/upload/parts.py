@@ -8,18 +8,22 @@ import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import anyio
+import anyio.to_thread
+
 from model_runner.sink.settings import MAX_PART_SIZE
 
 __all__ = [
     "INLINE_SEAL_BYTES",
     "MAX_PARTS",
     "PARTS_PER_SIZE_STEP",
+    "ObjectCrc",
     "PartPlan",
     "SealedBody",
-    "composite_crc32",
     "crc32_base64",
     "part_size_for",
     "seal",
+    "seal_continuing",
 ]
 
 # S3 allows 10,000 parts. The size of an object streamed from a generator is not known in advance, so the part
@@ -103,14 +107,69 @@ def seal(pieces: list[memoryview]) -> SealedBody:
     :param pieces: The body's bytes, in order.
     :return: The body, its size and its CRC32.
     """
+    return seal_continuing(pieces, 0)[0]
+
+
+def seal_continuing(pieces: list[memoryview], running: int) -> tuple[SealedBody, int]:
+    """
+    :func:`seal`, also folding the pieces into the running CRC32 of the object they belong to.
+
+    :param pieces: The body's bytes, in order.
+    :param running: The CRC32 of the object's bytes before these.
+    :return: The sealed body, and the CRC32 of the object's bytes up to the end of these.
+    """
     body = io.BytesIO()
     crc = 0
     for piece in pieces:
         body.write(piece)
+        # Each piece is a chunk of at most a batch, still in the CPU's cache for its second CRC.
         crc = zlib.crc32(piece, crc)
+        running = zlib.crc32(piece, running)
     size = body.tell()
     body.seek(0)
-    return SealedBody(body, size, crc32_base64(crc))
+    return SealedBody(body, size, crc32_base64(crc)), running
+
+
+class ObjectCrc:
+    """
+    The CRC32 of an object whose parts are sealed concurrently, computed as they are sealed: no second pass over
+    the object, nothing on the event loop (zlib has no ``crc32_combine``).
+
+    A part's sealing waits until the part before it has been folded in, so the parts must be sealed numbered from 1
+    without a gap; each is sealed as soon as its turn comes, while the parts before it are uploaded.
+    """
+
+    def __init__(self) -> None:
+        #: The CRC32 of the parts sealed so far.
+        self.value = 0
+        self._next = 1
+        self._turned = anyio.Event()
+
+    async def seal(
+        self, number: int, pieces: list[memoryview], limiter: anyio.CapacityLimiter | None = None
+    ) -> SealedBody:
+        """
+        Seal a part in a worker thread once the parts before it are, folding it into the object's CRC32.
+
+        :param number: The part number, from 1.
+        :param pieces: The part's bytes.
+        :param limiter: Worker threads to seal it in; anyio's default by default.
+        :return: The sealed part.
+        """
+        while self._next != number:
+            await self._turned.wait()
+        sealed, self.value = await anyio.to_thread.run_sync(seal_continuing, pieces, self.value, limiter=limiter)
+        self._next = number + 1
+        turned, self._turned = self._turned, anyio.Event()
+        turned.set()
+        return sealed
+
+    @property
+    def checksum(self) -> str:
+        """
+        :return: The CRC32 of the parts sealed so far, base64, as S3 reports it.
+        """
+        return crc32_base64(self.value)
 
 
 def crc32_base64(crc: int) -> str:
@@ -121,14 +180,3 @@ def crc32_base64(crc: int) -> str:
     :return: Its four big-endian bytes, base64.
     """
     return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
-
-
-def composite_crc32(part_checksums: list[str]) -> str:
-    """
-    The checksum S3 gives a multipart object: the CRC32 of the parts' CRC32s, then ``-<parts>``.
-
-    :param part_checksums: Base64 CRC32 of each part, in order.
-    :return: The object's composite checksum.
-    """
-    raw = b"".join(base64.b64decode(checksum) for checksum in part_checksums)
-    return f"{crc32_base64(zlib.crc32(raw))}-{len(part_checksums)}"
