@@ -13,6 +13,7 @@ from aiobotocore.session import get_session
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink.budget import ByteBudget
+from model_runner.sink.clients import SharedClient
 from model_runner.sink.encoding import encode_collection
 from model_runner.sink.settings import ClientSettings, MiB, SinkSettings
 from model_runner.sink.upload import upload_object
@@ -48,15 +49,16 @@ async def test_30_small_writes_sharing_a_4_mib_budget_hold_no_more_than_its_boun
     holdings = Holdings(budget)
     collections = {f"image-{i}": list(synthetic_detections(5000, seed=i)) for i in range(WRITES)}
 
-    async def write(client: Any, image_id: str) -> None:
+    async def write(shared: SharedClient, image_id: str) -> None:
         taken = [0]
         chunks = holdings.counted(encode_collection(collections[image_id]), taken)
-        await upload_object(client, bucket, f"held/{image_id}.geojson", chunks, settings, budget=budget)
+        await upload_object(shared, bucket, f"held/{image_id}.geojson", chunks, settings)
         holdings.held -= taken[0]
 
     async with get_session().create_client("s3") as client, anyio.create_task_group() as group:
+        shared = SharedClient(client, budget=budget, limiter=anyio.CapacityLimiter(settings.max_worker_threads))
         for image_id in collections:
-            group.start_soon(write, client, image_id)
+            group.start_soon(write, shared, image_id)
 
     for image_id, features in collections.items():
         stored = s3.get_object(Bucket=bucket, Key=f"held/{image_id}.geojson")["Body"].read()

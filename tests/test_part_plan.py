@@ -6,12 +6,14 @@ import base64
 import sys
 import zlib
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_runner.sink.settings import MAX_PART_SIZE, MIN_PART_SIZE, MiB, SinkSettings
-from model_runner.sink.upload import MAX_PARTS, PartPlan, _single_error, composite_crc32, part_size_for
+from model_runner.sink.upload.parts import MAX_PARTS, ObjectCrc, PartPlan, SealedBody, part_size_for
+from model_runner.sink.upload.stream import single_error
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup, ExceptionGroup
@@ -66,12 +68,25 @@ def test_a_stream_past_10000_parts_is_refused() -> None:
         plan.add(memoryview(b"x" * 10_000))
 
 
-def test_composite_checksum_is_the_crc32_of_the_part_crc32s() -> None:
-    bodies = [b"a" * 10, b"b" * 20, b"c"]
-    checksums = [base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode() for body in bodies]
-    raw = b"".join(zlib.crc32(body).to_bytes(4, "big") for body in bodies)
-    expected = base64.b64encode(zlib.crc32(raw).to_bytes(4, "big")).decode()
-    assert composite_crc32(checksums) == f"{expected}-3"
+@pytest.mark.anyio
+async def test_the_object_crc_of_parts_sealed_concurrently_is_the_crc32_of_the_whole() -> None:
+    # Parts are sent concurrently and may reach their sealing in any order: the object's CRC32 follows part order.
+    chunks = [bytes([index]) * (1000 + index) for index in range(40)]
+    parts = cut(PartPlan(4096), chunks)
+    crc = ObjectCrc()
+    sealed: dict[int, SealedBody] = {}
+
+    async def seal_part(number: int, body: bytes) -> None:
+        sealed[number] = await crc.seal(number, [memoryview(body)])
+
+    async with anyio.create_task_group() as group:
+        for number, body in reversed(parts):
+            group.start_soon(seal_part, number, body)
+    whole = b"".join(chunks)
+    assert crc.checksum == base64.b64encode(zlib.crc32(whole).to_bytes(4, "big")).decode()
+    for number, body in parts:
+        assert sealed[number].body.read() == body
+        assert sealed[number].checksum == base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
 
 
 @pytest.mark.parametrize(
@@ -104,7 +119,7 @@ def test_parts_failing_together_raise_the_first_error_itself() -> None:
     # Parts in flight often fail at once for one cause; callers catch the ClientError, not a task group's wrapper.
     first, second = ValueError("part 1"), ValueError("part 2")
     nested = BaseExceptionGroup("parts", [KeyboardInterrupt(), ExceptionGroup("inner", [first, second])])
-    assert _single_error(nested) is first
-    assert _single_error(BaseExceptionGroup("parts", [second, first])) is second
+    assert single_error(nested) is first
+    assert single_error(BaseExceptionGroup("parts", [second, first])) is second
     only_cancelled = BaseExceptionGroup("parts", [KeyboardInterrupt()])
-    assert isinstance(_single_error(only_cancelled), KeyboardInterrupt)
+    assert isinstance(single_error(only_cancelled), KeyboardInterrupt)

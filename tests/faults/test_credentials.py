@@ -39,10 +39,17 @@ class Clock:
 
 
 def role_sink(
-    proxy: FaultProxy, bucket: str, prefix: str = "role", client: ClientSettings | None = None, **options: Any
+    proxy: FaultProxy,
+    bucket: str,
+    prefix: str = "role",
+    client: ClientSettings | None = None,
+    clock: Clock | None = None,
+    **options: Any,
 ) -> AsyncS3Sink:
     # S3 goes straight to moto through the standard variables; only STS goes through the proxy.
     client = dataclasses.replace(client or ClientSettings(), sts_endpoint_url=proxy.url)
+    if clock is not None:
+        client = dataclasses.replace(client, clock=clock)
     return AsyncS3Sink(bucket, prefix, ROLE, client=client, **options)
 
 
@@ -97,7 +104,7 @@ async def test_credentials_near_expiry_are_refreshed_on_the_next_write(
 
 async def test_refresh_window_is_configurable(proxy: FaultProxy, bucket: str) -> None:
     clock = proxy.sts_clock = Clock()
-    sink = role_sink(proxy, bucket, clock=clock, client=ClientSettings(credential_refresh_seconds=1800))
+    sink = role_sink(proxy, bucket, client=ClientSettings(credential_refresh_seconds=1800), clock=clock)
     assert await sink.write("first", FEATURES)
     clock.offset = timedelta(minutes=35)
     assert await sink.write("second", FEATURES)
@@ -194,8 +201,8 @@ async def test_credentials_expiring_mid_upload_are_refreshed_and_the_upload_comp
     proxy.add_rule(Rule({"UploadPart"}, "delay", delay=0.3))
     settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_parts_in_flight=1)
     features = list(synthetic_detections(30_000, seed=8))
-    client = ClientSettings(endpoint_url=proxy.url, sts_endpoint_url=proxy.url)
-    sink = AsyncS3Sink(bucket, "mid", ROLE, client=client, settings=settings, clock=clock)
+    client = ClientSettings(endpoint_url=proxy.url, sts_endpoint_url=proxy.url, clock=clock)
+    sink = AsyncS3Sink(bucket, "mid", ROLE, client=client, settings=settings)
     async with anyio.create_task_group() as group:
         group.start_soon(sink.write_with_result, "image", features)
         while proxy.count("UploadPart") < 1:  # noqa: ASYNC110 - the proxy counts in its own thread
@@ -248,7 +255,7 @@ async def test_sts_failing_near_expiry_keeps_the_current_credentials_until_they_
     caplog.set_level(logging.DEBUG, logger="model_runner")
     clock = proxy.sts_clock = Clock()
     sink = AsyncS3Sink(
-        bucket, "outage", ROLE, client=ClientSettings(endpoint_url=proxy.url, sts_endpoint_url=proxy.url), clock=clock
+        bucket, "outage", ROLE, client=ClientSettings(endpoint_url=proxy.url, sts_endpoint_url=proxy.url, clock=clock)
     )
     assert await sink.write("before", FEATURES)
     rule = proxy.add_rule(STS_FAULTS[fault])
@@ -326,8 +333,8 @@ def multipart_role_sink(proxy: FaultProxy, bucket: str, clock: Clock) -> AsyncS3
     # One slow part at a time, so that STS can fail and the clock move while the upload is under way.
     proxy.add_rule(Rule({"UploadPart"}, "delay", delay=0.3))
     settings = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_parts_in_flight=1)
-    client = ClientSettings(endpoint_url=proxy.url, sts_endpoint_url=proxy.url)
-    return AsyncS3Sink(bucket, "mid", ROLE, client=client, settings=settings, clock=clock)
+    client = ClientSettings(endpoint_url=proxy.url, sts_endpoint_url=proxy.url, clock=clock)
+    return AsyncS3Sink(bucket, "mid", ROLE, client=client, settings=settings)
 
 
 async def wait_for(proxy: FaultProxy, operation: str, count: int) -> None:
@@ -417,7 +424,7 @@ async def test_credentials_expiring_mid_upload_while_sts_is_down_fail_the_write_
 
 async def test_short_lived_credentials_are_refreshed_only_near_expiry(proxy: FaultProxy, bucket: str) -> None:
     clock = proxy.sts_clock = Clock()
-    sink = role_sink(proxy, bucket, clock=clock, client=ClientSettings(role_duration_seconds=900))
+    sink = role_sink(proxy, bucket, client=ClientSettings(role_duration_seconds=900), clock=clock)
     for i in range(5):
         assert await sink.write(f"image-{i}", FEATURES)
     assert proxy.count("AssumeRole") == 1

@@ -136,6 +136,7 @@ def _run_backfill(args: argparse.Namespace) -> int:
         resume=args.resume,
         dry_run=args.dry_run,
         output_format=args.format,
+        overwrite=args.overwrite,
     )
     return backfill(args.sources, target, dask=args.dask, stop_timeout=args.stop_timeout)
 
@@ -189,6 +190,12 @@ def _add_backfill(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         dest="resume",
         action="store_false",
         help="write every file, even those whose object is up to date",
+    )
+    backfill_parser.add_argument(
+        "--no-overwrite",
+        dest="overwrite",
+        action="store_false",
+        help="never replace an object: a file whose key already has one is skipped",
     )
     backfill_parser.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
     backfill_parser.add_argument(

@@ -8,6 +8,7 @@ from model_runner.sink.exceptions import (
     ChecksumMismatchError,
     FeatureEncodingError,
     InvalidAssumedRoleException,
+    ObjectExistsError,
     SinkError,
 )
 from model_runner.sink.metrics import OpenTelemetryMetrics, SinkMetrics
@@ -23,6 +24,7 @@ __all__ = [
     "ClientSettings",
     "FeatureEncodingError",
     "InvalidAssumedRoleException",
+    "ObjectExistsError",
     "OpenTelemetryMetrics",
     "S3Sink",
     "Sink",

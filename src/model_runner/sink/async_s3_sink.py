@@ -15,7 +15,6 @@ from botocore.exceptions import ClientError
 
 from model_runner.api import SinkMode, SinkType
 from model_runner.sink.clients import CLOSE_WAIT_SECONDS, ClientOptions, InFlight, SharedClient, shared_client
-from model_runner.sink.credentials import Clock
 from model_runner.sink.encoding import (
     SUFFIXES,
     EncodingStats,
@@ -25,7 +24,7 @@ from model_runner.sink.encoding import (
     check_members,
     encode_collection,
 )
-from model_runner.sink.exceptions import FeatureEncodingError, SinkError
+from model_runner.sink.exceptions import FeatureEncodingError, ObjectExistsError, SinkError
 from model_runner.sink.logs import logger
 from model_runner.sink.metrics import SinkMetrics, error_type
 from model_runner.sink.responses import error_code, retry_attempts
@@ -33,6 +32,7 @@ from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import ClientSettings, SinkSettings, resolve_client_settings
 from model_runner.sink.sink import AsyncSink
 from model_runner.sink.upload import upload_object
+from model_runner.sink.upload.conditional import check_overwrite
 
 if TYPE_CHECKING:
     import aioboto3
@@ -136,16 +136,15 @@ class AsyncS3Sink(AsyncSink):
     :param assumed_role: Optional IAM role ARN to assume for accessing the bucket.
     :param settings: How each write encodes and uploads, and the options of the objects it writes.
     :param client: What decides the S3 client: endpoints, region, retries, connections, the byte budget, the worker
-        threads and the role session. Sinks with equal client settings (and role, session and clock) share one
+        threads and the role session. Sinks with equal client settings (and role and session) share one
         client whatever their ``settings``.
     :param session: An ``aioboto3.Session`` whose credentials, profile and region the sink uses (the region of
         ``client`` comes first); ``assumed_role`` is then assumed with its credentials. By default the standard
         configuration.
     :param metrics: Hooks told of every write, part and retry, e.g.
         :class:`~model_runner.sink.metrics.OpenTelemetryMetrics`; none by default.
-    :param clock: What time it is, for credential expiry; for tests and simulations.
-    :param deprecated: ``endpoint_url``, ``sts_endpoint_url``, ``region_name`` and ``client_config``, deprecated:
-        they are fields of ``client``.
+    :param deprecated: ``endpoint_url``, ``sts_endpoint_url``, ``region_name``, ``client_config`` and ``clock``,
+        deprecated: they are fields of ``client``.
     :raises TypeError: If a deprecated keyword is also given in ``client``, or a keyword is unknown.
     """
 
@@ -159,7 +158,6 @@ class AsyncS3Sink(AsyncSink):
         client: ClientSettings | None = None,
         session: aioboto3.Session | None = None,
         metrics: SinkMetrics | None = None,
-        clock: Clock | None = None,
         **deprecated: Any,
     ) -> None:
         if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
@@ -175,9 +173,7 @@ class AsyncS3Sink(AsyncSink):
         self.settings = settings or SinkSettings()
         self.client = resolve_client_settings(client, self.settings, deprecated, stacklevel=2)
         self.session = session
-        self._client_options = ClientOptions(
-            client=self.client, assumed_role=assumed_role, session=session, clock=clock
-        )
+        self._client_options = ClientOptions(client=self.client, assumed_role=assumed_role, session=session)
         self._bucket_identity = (bucket, self.settings.expected_bucket_owner)
         self._metrics = metrics
         self._writes = InFlight()
@@ -242,6 +238,7 @@ class AsyncS3Sink(AsyncSink):
         *,
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
+        overwrite: bool = True,
     ) -> bool:
         """
         Write the features of one image to S3 as a GeoJSON FeatureCollection.
@@ -253,8 +250,10 @@ class AsyncS3Sink(AsyncSink):
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored; see
             :meth:`write_with_result`.
+        :param overwrite: Whether an existing object with the key may be replaced; see :meth:`write_with_result`.
         :return: `True` if the object was stored, `False` if the bucket does not exist or is forbidden.
         :raises ClientError: If S3 refuses the upload for another reason, after retries.
+        :raises ObjectExistsError: If ``overwrite`` is false and an object has the key; nothing is stored.
         :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
         :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
         :raises ValueError: If the image id has no file name, or the output format is a text sequence and a
@@ -262,7 +261,9 @@ class AsyncS3Sink(AsyncSink):
         :raises TypeError: If ``features`` is neither features nor a FeatureCollection.
         """
         try:
-            await self.write_with_result(image_id, features, metadata=metadata, on_progress=on_progress)
+            await self.write_with_result(
+                image_id, features, metadata=metadata, on_progress=on_progress, overwrite=overwrite
+            )
         except ClientError as error:
             if not _is_unusable_bucket_error(error):
                 raise
@@ -276,6 +277,7 @@ class AsyncS3Sink(AsyncSink):
         *,
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
+        overwrite: bool = True,
     ) -> WriteResult:
         """
         Write the features of one image, and tell what the write did.
@@ -286,13 +288,22 @@ class AsyncS3Sink(AsyncSink):
         fails the write, which then stores nothing; one raised by the last call, once the object is stored, is
         logged and ignored.
 
+        With ``overwrite=False`` the object is stored only if no object has its key: the request that stores it
+        (``PutObject``, or ``CompleteMultipartUpload``) is conditional (``If-None-Match: *``), so of writers racing
+        for a key exactly one wins. The others get :class:`ObjectExistsError`; the existing object is untouched and
+        their multipart upload aborted. A request S3 applied whose answer was lost, retried, is recognised as this
+        write's own by the size and checksum of the object, and succeeds.
+
         :param image_id: The identifier for the image, used to generate the S3 object key.
         :param features: GeoJSON features: a list, any iterable, or an async iterable; or a whole collection, as
             for :meth:`write`.
         :param metadata: User metadata to store with the object (``x-amz-meta-*``).
         :param on_progress: Called with ``(bytes_done, features_done)`` as the write advances.
+        :param overwrite: Whether an existing object with the key may be replaced (the default, as the seed does).
         :return: The stored object's key, size, checksum and costs.
         :raises ClientError: If S3 refuses the upload, after retries, a missing bucket included.
+        :raises ObjectExistsError: If ``overwrite`` is false and an object has the key; nothing is stored.
+        :raises TypeError: If ``overwrite`` is not a bool.
         :raises FeatureEncodingError: If a feature cannot be serialised; nothing is stored.
         :raises InvalidAssumedRoleException: If ``assumed_role`` cannot be assumed.
         :raises ValueError: If the output format is a text sequence and a collection has members other than its
@@ -301,11 +312,12 @@ class AsyncS3Sink(AsyncSink):
         key = self.object_key(image_id)
         features, members = _split_collection(features)
         check_members(members, self.settings.output_format)
+        check_overwrite(overwrite)
         watch = _WriteWatch(self.bucket, key, on_progress, self._metrics)
         watch.started()
         try:
             async with self._writes.track():
-                result = await self._write(key, features, members, metadata, watch)
+                result = await self._write(key, features, members, metadata, watch, overwrite)
         except BaseException as error:
             watch.failed(error)
             raise
@@ -319,6 +331,7 @@ class AsyncS3Sink(AsyncSink):
         members: Mapping[str, Any],
         metadata: Mapping[str, str] | None,
         watch: _WriteWatch,
+        overwrite: bool,
     ) -> WriteResult:
         async with shared_client(self._client_options) as shared:
             await self._check_bucket_once(shared)
@@ -333,15 +346,14 @@ class AsyncS3Sink(AsyncSink):
             )
             async with aclosing(chunks):
                 outcome = await upload_object(
-                    shared.client,
+                    shared,
                     self.bucket,
                     key,
                     chunks,
                     self.settings,
                     metadata=dict(metadata) if metadata else None,
                     events=watch,
-                    budget=shared.budget,
-                    limiter=shared.limiter,
+                    overwrite=overwrite,
                 )
         return WriteResult(
             bucket=self.bucket,
@@ -478,6 +490,9 @@ class _WriteWatch:
         }
         if isinstance(error, anyio.get_cancelled_exc_class()):
             logger.info("write of s3://%s/%s cancelled after %.3f s", self.bucket, self.key, seconds, extra=extra)
+        elif isinstance(error, ObjectExistsError):
+            # What the caller asked for (overwrite=False), not a failure of the sink.
+            logger.info("write of s3://%s/%s refused: the object exists", self.bucket, self.key, extra=extra)
         elif isinstance(error, ClientError):
             response: Mapping[str, Any] = error.response
             extra["error_code"] = error_code(error)

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -33,10 +33,13 @@ from botocore.exceptions import ProfileNotFound
 
 from model_runner.sink.budget import ByteBudget
 from model_runner.sink.connections import SharedTlsSession
-from model_runner.sink.credentials import AssumedRole, Clock, assumed_role_credentials, forget_loop_credentials, refresh
+from model_runner.sink.credentials import AssumedRole, assumed_role_credentials, forget_loop_credentials, refresh
 from model_runner.sink.endpoints import resolve_once_per_bucket
 from model_runner.sink.settings import ClientSettings
-from model_runner.sink.upload import ABORT_TIMEOUT_SECONDS
+from model_runner.sink.upload.settle import ABORT_TIMEOUT_SECONDS
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
 
 __all__ = [
     "CLOSE_WAIT_SECONDS",
@@ -96,20 +99,18 @@ class ClientOptions:
     :param client: The client settings.
     :param assumed_role: The role to assume, if any.
     :param session: The caller's ``aioboto3.Session``, compared by identity; `None` for the standard configuration.
-    :param clock: What time it is, for credential expiry.
     """
 
     client: ClientSettings = field(default_factory=ClientSettings)
     assumed_role: str | None = None
     session: Any = None
-    clock: Clock | None = None
 
 
 @dataclass
 class SharedClient:
     """A client and what the writes through it share."""
 
-    client: Any
+    client: S3Client
     # Bytes of request bodies that the writes through this client may hold at once.
     budget: ByteBudget
     # Worker threads that the writes through this client may use at once.
@@ -151,7 +152,7 @@ async def shared_client(options: ClientOptions) -> AsyncIterator[SharedClient]:
             region_name=region,
             sts_endpoint_url=options.client.sts_endpoint_url,
         )
-        credentials = assumed_role_credentials(role, source, clock=options.clock)
+        credentials = assumed_role_credentials(role, source, clock=options.client.clock)
         await refresh(credentials, options.assumed_role)
     key = (options, region, credentials, environment)
 

@@ -23,6 +23,7 @@ from botocore.retries import standard
 
 from model_runner.sink.exceptions import InvalidAssumedRoleException
 from model_runner.sink.responses import error_code
+from model_runner.sink.settings import Clock
 
 __all__ = ["AssumedRole", "assumed_role_credentials", "is_role_arn", "is_transient", "refresh", "refresh_windows"]
 
@@ -36,8 +37,6 @@ RETRY_PAUSE_SECONDS = 30
 
 # What botocore's standard retry mode retries: throttling, 5xx answers, connection errors and timeouts.
 _TRANSIENT = standard.OrRetryChecker([standard.TransientRetryableChecker(), standard.ThrottledRetryableChecker()])
-
-Clock = Callable[[], datetime]
 
 
 def is_role_arn(value: str) -> bool:

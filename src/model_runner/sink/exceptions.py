@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["ChecksumMismatchError", "FeatureEncodingError", "InvalidAssumedRoleException", "SinkError"]
+__all__ = [
+    "ChecksumMismatchError",
+    "FeatureEncodingError",
+    "InvalidAssumedRoleException",
+    "ObjectExistsError",
+    "SinkError",
+]
 
 
 class SinkError(Exception):
@@ -38,3 +44,19 @@ class FeatureEncodingError(TypeError):
         """
         super().__init__(f"feature {index} cannot be encoded as GeoJSON: {reason}")
         self.index = index
+
+
+class ObjectExistsError(SinkError):
+    """
+    A write with ``overwrite=False`` found an object with its key: the existing object is untouched, and nothing of
+    the write is stored (no multipart upload is left either).
+    """
+
+    def __init__(self, bucket: str, key: str) -> None:
+        """
+        :param bucket: The bucket.
+        :param key: The key that already has an object.
+        """
+        super().__init__(f"s3://{bucket}/{key} already exists, and the write was made with overwrite=False")
+        self.bucket = bucket
+        self.key = key

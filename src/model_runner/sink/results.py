@@ -22,7 +22,8 @@ class WriteResult:
     :param encode_seconds: Time spent serialising features, in worker threads.
     :param upload_seconds: From the first S3 request for the object to S3's last answer; the upload overlaps
         the encoding, so this and ``encode_seconds`` may add up to more than ``seconds``.
-    :param checksum: CRC32 of the object as S3 reports it (``-<parts>`` for a multipart object).
+    :param checksum: CRC32 of the object's bytes, base64, as S3 reports it (``FULL_OBJECT``, multipart or not): a
+        download checks against ``zlib.crc32`` of its bytes.
     :param etag: The object's ETag.
     :param version_id: The object's version, when the bucket is versioned.
     """

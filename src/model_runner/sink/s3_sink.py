@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from model_runner.api import SinkMode
 from model_runner.sink import logs
 from model_runner.sink.async_s3_sink import AsyncS3Sink, ProgressCallback
-from model_runner.sink.credentials import Clock
 from model_runner.sink.encoding import Collection, Feature
 from model_runner.sink.loop_thread import call_fed, checked_timeout, pulled_by_caller, shared_loop
 from model_runner.sink.metrics import SinkMetrics
 from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import ClientSettings, SinkSettings, resolve_client_settings
 from model_runner.sink.sink import Sink
+from model_runner.sink.upload.conditional import check_overwrite
 
 if TYPE_CHECKING:
     import aioboto3
@@ -51,9 +51,8 @@ class S3Sink(Sink):
     :param session: An ``aioboto3.Session`` whose credentials, profile and region the sink uses; by default the
         standard configuration.
     :param metrics: Hooks told of every write, part and retry; called on the sink's private loop thread.
-    :param clock: What time it is, for credential expiry; for tests and simulations.
-    :param deprecated: ``endpoint_url``, ``sts_endpoint_url``, ``region_name`` and ``client_config``, deprecated:
-        they are fields of ``client``.
+    :param deprecated: ``endpoint_url``, ``sts_endpoint_url``, ``region_name``, ``client_config`` and ``clock``,
+        deprecated: they are fields of ``client``.
     :raises TypeError: If a deprecated keyword is also given in ``client``, or a keyword is unknown.
     """
 
@@ -67,7 +66,6 @@ class S3Sink(Sink):
         client: ClientSettings | None = None,
         session: aioboto3.Session | None = None,
         metrics: SinkMetrics | None = None,
-        clock: Clock | None = None,
         **deprecated: Any,
     ) -> None:
         # Resolved here rather than by AsyncS3Sink, so that a deprecation warning names this constructor's caller.
@@ -80,7 +78,6 @@ class S3Sink(Sink):
             client=client,
             session=session,
             metrics=metrics,
-            clock=clock,
         )
 
     def __repr__(self) -> str:
@@ -160,6 +157,7 @@ class S3Sink(Sink):
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
+        overwrite: bool = True,
     ) -> bool:
         """
         Write aggregated GeoJSON feature collection to the S3 bucket.
@@ -183,12 +181,18 @@ class S3Sink(Sink):
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
             thread.
         :param timeout: Seconds the write may take, features pulled included; `None` for no limit.
+        :param overwrite: Whether an existing object with the key may be replaced; with `False`, the object is
+            stored only if no object has its key (see :meth:`AsyncS3Sink.write_with_result
+            <model_runner.sink.async_s3_sink.AsyncS3Sink.write_with_result>`).
         :return: `True` if the upload was successful, `False` otherwise.
 
         :raises ClientError: If there are errors while uploading the file to S3.
+        :raises ObjectExistsError: If ``overwrite`` is false and an object has the key; nothing is stored.
         :raises TimeoutError: If the write did not finish within ``timeout``; it was cancelled.
         """
-        return self._write(self._sink.write, image_id, features, metadata, on_progress, timeout)
+        check_overwrite(overwrite)
+        write = partial(self._sink.write, overwrite=overwrite)
+        return self._write(write, image_id, features, metadata, on_progress, timeout)
 
     def write_with_result(
         self,
@@ -198,6 +202,7 @@ class S3Sink(Sink):
         metadata: Mapping[str, str] | None = None,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
+        overwrite: bool = True,
     ) -> WriteResult:
         """
         Write aggregated GeoJSON feature collection to the S3 bucket, and tell what the write did.
@@ -210,11 +215,15 @@ class S3Sink(Sink):
         :param on_progress: Called with ``(bytes_done, features_done)`` as parts are stored, on the sink's loop
             thread; the last call gives the result's ``bytes`` and ``features``.
         :param timeout: Seconds the write may take, features pulled included; `None` for no limit.
+        :param overwrite: Whether an existing object with the key may be replaced, as for :meth:`write`.
         :return: The stored object's key, size, checksum and costs.
         :raises ClientError: If S3 refuses the upload, after retries, a missing bucket included.
+        :raises ObjectExistsError: If ``overwrite`` is false and an object has the key; nothing is stored.
         :raises TimeoutError: If the write did not finish within ``timeout``; it was cancelled.
         """
-        return self._write(self._sink.write_with_result, image_id, features, metadata, on_progress, timeout)
+        check_overwrite(overwrite)
+        write = partial(self._sink.write_with_result, overwrite=overwrite)
+        return self._write(write, image_id, features, metadata, on_progress, timeout)
 
     def validate_s3_bucket(self, *, timeout: float | None = None) -> bool:
         """

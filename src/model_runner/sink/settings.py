@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
 from typing import Any, Literal
 
 from botocore.config import Config
@@ -14,6 +15,9 @@ from model_runner.sink.encoding import CONTENT_TYPES, OUTPUT_FORMATS, OutputForm
 __all__ = ["ClientSettings", "MiB", "SinkSettings"]
 
 MiB = 1024 * 1024
+
+#: What time it is, as an aware datetime.
+Clock = Callable[[], datetime]
 # S3's multipart limits: every part but the last is at least 5 MiB, no part exceeds 5 GiB.
 MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 * 1024 * MiB
@@ -27,7 +31,7 @@ class ClientSettings:
     """
     What decides a sink's S3 client: where it connects, as whom, and what the writes through it share.
 
-    Sinks of one event loop with equal client settings (and the same ``assumed_role``, ``session`` and ``clock``)
+    Sinks of one event loop with equal client settings (and the same ``assumed_role`` and ``session``)
     share one client, with its connection pool, its byte budget and its worker threads, whatever their
     :class:`SinkSettings`.
 
@@ -49,6 +53,8 @@ class ClientSettings:
         of their life remain, at most half of it; `None` (the default) for the lesser of 600 s and a quarter of
         ``role_duration_seconds``. The first write to come refreshes them up to 300 s (at most a quarter of their
         life) earlier, while the others carry on.
+    :param clock: What time it is (an aware datetime), for credential expiry; `None` for the system clock. For
+        tests and simulations.
     """
 
     endpoint_url: str | None = None
@@ -64,6 +70,7 @@ class ClientSettings:
     role_session_name: str = "model-runner-sink"
     role_duration_seconds: int = 3600
     credential_refresh_seconds: int | None = None
+    clock: Clock | None = None
     client_config_key: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -233,7 +240,7 @@ class SinkSettings:
         arguments.update(self.bucket_arguments())
         return arguments
 
-    def bucket_arguments(self) -> dict[str, str]:
+    def bucket_arguments(self) -> dict[str, Any]:
         """
         The arguments every request on the bucket carries.
 
@@ -245,7 +252,7 @@ class SinkSettings:
 
 
 # The sinks' keywords that moved to ClientSettings: still accepted, with a DeprecationWarning.
-CLIENT_KEYWORDS = ("endpoint_url", "sts_endpoint_url", "region_name", "client_config")
+CLIENT_KEYWORDS = ("endpoint_url", "sts_endpoint_url", "region_name", "client_config", "clock")
 
 
 def resolve_client_settings(

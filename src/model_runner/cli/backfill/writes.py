@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from model_runner.cli.backfill import DEFAULT_CONCURRENCY
 from model_runner.cli.backfill.reading import inspect_source, read_features
 from model_runner.cli.backfill.sources import Outcome, Source, SourceError
-from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, SinkSettings, s3_sink
+from model_runner.sink import AsyncS3Sink, InvalidAssumedRoleException, ObjectExistsError, SinkSettings, s3_sink
 from model_runner.sink.encoding import OutputFormat
 from model_runner.sink.responses import error_code
 
@@ -57,6 +57,8 @@ class Target:
     :param dry_run: Tell what would be written, write nothing.
     :param output_format: `"geojson"`, a FeatureCollection per file, or `"geojsonseq"`, one feature a line at
         ``<prefix>/<file stem>.geojsonl``.
+    :param overwrite: Replace an existing object whose digest differs; if not, a file whose key has an object is
+        skipped (S3 refuses the write: the object stays as it is).
     """
 
     bucket: str
@@ -66,6 +68,7 @@ class Target:
     resume: bool = True
     dry_run: bool = False
     output_format: OutputFormat = "geojson"
+    overwrite: bool = True
 
     def sink(self) -> AsyncS3Sink:
         """
@@ -97,7 +100,11 @@ async def _backfill_one(sink: AsyncS3Sink, source: Source, target: Target) -> Ou
             return Outcome(path, "planned", key, bytes=size)
         # Closed here, not by the garbage collector: a cancelled write leaves the generator suspended, file open.
         with closing(read_features(source.path)) as features:
-            await sink.write_with_result(source.image_id, features, metadata={DIGEST_METADATA: digest})
+            await sink.write_with_result(
+                source.image_id, features, metadata={DIGEST_METADATA: digest}, overwrite=target.overwrite
+            )
+    except ObjectExistsError:
+        return Outcome(path, "skipped", key, bytes=size)
     except Exception as error:
         return Outcome(path, "failed", key, _reason(error), size)
     return Outcome(path, "written", key, bytes=size)
