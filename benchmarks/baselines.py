@@ -38,31 +38,32 @@ __all__ = ["CONTENDERS", "FloorContender", "SeedContender"]
 
 MiB = 1024 * 1024
 
-# The floors' checksums, in ONE place: the same as the sink's, so that the floors pay what the sink pays. Today
-# the sink sends each body's CRC32 (ChecksumAlgorithm CRC32 on create: a composite checksum for a multipart
-# object). When it moves to a full-object CRC32, set ChecksumType "FULL_OBJECT" here and send the object's CRC32
-# on complete (CREATE_CHECKSUM, COMPLETE_CHECKSUM).
-CREATE_CHECKSUM: dict[str, Any] = {"ChecksumAlgorithm": "CRC32"}
+# The floors' checksums, in ONE place: the same as the sink's, so that the floors pay what the sink pays: each
+# body's CRC32, and for a multipart object the whole object's CRC32 (FULL_OBJECT) on complete.
+CREATE_CHECKSUM: dict[str, Any] = {"ChecksumAlgorithm": "CRC32", "ChecksumType": "FULL_OBJECT"}
+
+# Part bodies with their checksum arguments, and the whole object's CRC32.
+Bodies = tuple[list[tuple[io.BytesIO, dict[str, Any]]], int]
 
 
-def body_checksum(body: bytes | memoryview) -> dict[str, Any]:
+def body_checksum(crc: int) -> dict[str, Any]:
     """
     The checksum arguments of one ``PutObject`` or ``UploadPart``, as the sink sends them.
 
-    :param body: The request's body.
+    :param crc: The CRC32 of the request's body.
     :return: Keyword arguments for the request.
     """
-    return {"ChecksumCRC32": b64encode(zlib.crc32(body).to_bytes(4, "big")).decode("ascii")}
+    return {"ChecksumCRC32": b64encode(crc.to_bytes(4, "big")).decode("ascii")}
 
 
-def complete_checksum(parts: list[CompletedPartTypeDef]) -> dict[str, Any]:
+def complete_checksum(object_crc: int) -> dict[str, Any]:
     """
-    The checksum arguments of ``CompleteMultipartUpload``: none while the sink sends composite checksums.
+    The checksum arguments of ``CompleteMultipartUpload``: the whole object's CRC32, as the sink sends it.
 
-    :param parts: The parts, with their own checksums.
+    :param object_crc: The CRC32 of the object's bytes.
     :return: Keyword arguments for the request.
     """
-    return {}
+    return {**body_checksum(object_crc), "ChecksumType": "FULL_OBJECT"}
 
 
 class SeedContender(Contender):
@@ -193,12 +194,17 @@ class FloorContender(Contender):
         return features if cls.encode_in_clock else cls._bodies(_encode(features, len(features) or 1))
 
     @classmethod
-    def _bodies(cls, body: bytes) -> list[tuple[io.BytesIO, dict[str, Any]]]:
+    def _bodies(cls, body: bytes) -> Bodies:
         single = cls.single_put or len(body) < cls.settings.multipart_threshold
         size = len(body) if single else cls.settings.part_size
         view = memoryview(body)
         pieces = [view[offset : offset + size] for offset in range(0, len(body), size)]
-        return [(_owned_body(piece), body_checksum(piece)) for piece in pieces]
+        bodies, object_crc = [], 0
+        for piece in pieces:
+            # As the sink seals a part: its own CRC32 and the object's running one, in one loop.
+            bodies.append((_owned_body(piece), body_checksum(zlib.crc32(piece))))
+            object_crc = zlib.crc32(piece, object_crc)
+        return bodies, object_crc
 
     async def run(self, jobs: list[Job]) -> int:
         """
@@ -210,7 +216,7 @@ class FloorContender(Contender):
         return sum(await asyncio.gather(*(self._upload(image_id, payload) for image_id, payload in jobs)))
 
     async def _upload(self, image_id: str, payload: Any) -> int:
-        parts = self._bodies(_encode(payload, 1000)) if self.encode_in_clock else payload
+        parts, object_crc = self._bodies(_encode(payload, 1000)) if self.encode_in_clock else payload
         key, arguments = object_key(self.prefix, image_id), dict[str, Any](self.settings.object_arguments())
         assert self._client is not None
         client = self._client
@@ -236,7 +242,7 @@ class FloorContender(Contender):
             Key=key,
             UploadId=upload_id,
             MultipartUpload={"Parts": list(stored)},
-            **complete_checksum(list(stored)),
+            **complete_checksum(object_crc),
         )
         return size
 
