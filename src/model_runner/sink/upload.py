@@ -21,6 +21,7 @@ from botocore.exceptions import ClientError
 
 from model_runner.sink.budget import BudgetHold, ByteBudget
 from model_runner.sink.exceptions import ChecksumMismatchError
+from model_runner.sink.pacing import put_slots
 from model_runner.sink.responses import error_code, retry_attempts
 from model_runner.sink.settings import MAX_PART_SIZE, SinkSettings
 
@@ -274,16 +275,17 @@ async def _put_object(
     else:
         body, size, checksum = await anyio.to_thread.run_sync(_seal, pieces, limiter=limiter)
     started = time.perf_counter()
-    request = asyncio.create_task(
-        client.put_object(
-            Bucket=bucket, Key=key, Body=body, ContentLength=size, ChecksumCRC32=checksum, **object_arguments
+    async with put_slots(client):
+        request = asyncio.create_task(
+            client.put_object(
+                Bucket=bucket, Key=key, Body=body, ContentLength=size, ChecksumCRC32=checksum, **object_arguments
+            )
         )
-    )
-    try:
-        response = await asyncio.shield(request)
-    except asyncio.CancelledError:
-        await _run_to_the_end(_settle_cancelled_put(request, bucket, key))
-        raise
+        try:
+            response = await asyncio.shield(request)
+        except asyncio.CancelledError:
+            await _run_to_the_end(_settle_cancelled_put(request, bucket, key))
+            raise
     _verify(response, checksum, key)
     _tell_retries(events, "PutObject", response)
     return UploadOutcome(
