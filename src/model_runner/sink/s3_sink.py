@@ -51,6 +51,10 @@ _WAIT_SLICE_SECONDS = 0.1
 _CANCEL_WAIT_SECONDS = 60.0
 # Closing connections at exit must not hold the interpreter up if S3 is unreachable.
 _EXIT_CLOSE_SECONDS = 5.0
+# The private loop thread already runs the request path beside the caller's threads: with one worker thread
+# encoding and sealing, the caller's loop thread queues behind one busy thread fewer for the GIL and the cores
+# (to_thread(write, 100k features), median worst stall 9.8 ms against 13.5 ms with two, on 2 cores).
+_FACADE_SETTINGS = SinkSettings(max_worker_threads=1)
 
 
 class _Call:
@@ -366,7 +370,7 @@ class S3Sink(Sink):
     :param bucket: The name of the S3 bucket.
     :param prefix: The prefix within the bucket where the files will be stored.
     :param assumed_role: Optional IAM role ARN to assume for accessing the bucket.
-    :param settings: Tuning and object options.
+    :param settings: Tuning and object options; by default ``SinkSettings(max_worker_threads=1)``.
     :param endpoint_url: S3 endpoint; by default the standard configuration (``AWS_ENDPOINT_URL_S3``...).
     :param sts_endpoint_url: STS endpoint for ``assumed_role``; by default the standard configuration.
     :param region_name: Region; by default ``AWS_REGION``, then the standard configuration, then us-east-1.
@@ -393,7 +397,7 @@ class S3Sink(Sink):
             bucket,
             prefix,
             assumed_role,
-            settings=settings,
+            settings=settings or _FACADE_SETTINGS,
             endpoint_url=endpoint_url,
             sts_endpoint_url=sts_endpoint_url,
             region_name=region_name,
