@@ -8,7 +8,7 @@ from enum import Enum
 import pytest
 
 from model_runner.api import SinkMode, SinkType
-from model_runner.sink import AsyncS3Sink, AsyncSink, S3Sink, Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, AsyncSink, ClientSettings, S3Sink, Sink, SinkSettings
 from model_runner.sink import s3_sink as s3_sink_module
 
 pytestmark = pytest.mark.timeout(30)
@@ -99,6 +99,10 @@ def test_mode_is_a_property(sink_class: type[S3Sink] | type[AsyncS3Sink]) -> Non
 @pytest.mark.parametrize("sink_class", [S3Sink, AsyncS3Sink])
 def test_settings_default_and_given(sink_class: type[S3Sink] | type[AsyncS3Sink]) -> None:
     assert sink_class("results-bucket", "out").settings == SinkSettings()
+    # The facade's private loop thread is busy beside its worker threads: one of them is its default.
+    assert sink_class("results-bucket", "out").client.max_worker_threads == (1 if sink_class is S3Sink else 2)
+    given = ClientSettings(max_worker_threads=3)
+    assert sink_class("results-bucket", "out", client=given).client.max_worker_threads == 3
     custom = SinkSettings(acl=None, content_type="application/json")
     assert sink_class("results-bucket", "out", settings=custom).settings is custom
 

@@ -23,6 +23,7 @@ INTERNAL_MODULES = {
     "encoding",
     "endpoints",
     "loop_thread",
+    "pacing",
     "responses",
     "upload",
 }

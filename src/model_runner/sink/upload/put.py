@@ -13,6 +13,7 @@ import anyio.to_thread
 from botocore.exceptions import ClientError
 
 from model_runner.sink.exceptions import ObjectExistsError
+from model_runner.sink.pacing import put_slots
 from model_runner.sink.responses import retry_attempts
 from model_runner.sink.upload.conditional import (
     SentObject,
@@ -96,7 +97,8 @@ async def _send(shared: SharedClient, arguments: dict[str, Any], sealed: SealedB
     # From the start of the body: a conflict sends it again.
     sealed.body.seek(0)
     settle = partial(_settle_cancelled_put, arguments["Bucket"], arguments["Key"])
-    return await finish_or_settle(shared.client.put_object(Body=sealed.body, **arguments), settle)
+    async with put_slots(shared.client):
+        return await finish_or_settle(shared.client.put_object(Body=sealed.body, **arguments), settle)
 
 
 async def _settle_cancelled_put(bucket: str, key: str, request: asyncio.Task[PutObjectOutputTypeDef]) -> None:
