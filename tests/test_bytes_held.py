@@ -56,7 +56,7 @@ async def test_30_small_writes_sharing_a_4_mib_budget_hold_no_more_than_its_boun
         holdings.held -= taken[0]
 
     async with get_session().create_client("s3") as client, anyio.create_task_group() as group:
-        shared = SharedClient(client, budget=budget, limiter=anyio.CapacityLimiter(settings.max_worker_threads))
+        shared = SharedClient(client, budget=budget, limiter=anyio.CapacityLimiter(ClientSettings().max_worker_threads))
         for image_id in collections:
             group.start_soon(write, shared, image_id)
 

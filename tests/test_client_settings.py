@@ -70,10 +70,14 @@ def test_the_documented_keywords_still_work_with_a_warning_naming_client_setting
     with pytest.warns(DeprecationWarning, match=r"client=ClientSettings\(endpoint_url, region_name=\.\.\.\)") as caught:
         sink = sink_class("bucket", "p", endpoint_url="http://127.0.0.1:9", region_name="eu-west-2")
     assert caught[0].filename == __file__
-    assert sink.client == ClientSettings(endpoint_url="http://127.0.0.1:9", region_name="eu-west-2")
+    # S3Sink's own default: one worker thread beside its private loop thread.
+    threads = 1 if sink_class is S3Sink else 2
+    assert sink.client == ClientSettings(
+        endpoint_url="http://127.0.0.1:9", region_name="eu-west-2", max_worker_threads=threads
+    )
     with pytest.warns(DeprecationWarning):
         sink = sink_class("bucket", "p", sts_endpoint_url="http://127.0.0.1:9", client_config=None)
-    assert sink.client == ClientSettings(sts_endpoint_url="http://127.0.0.1:9")
+    assert sink.client == ClientSettings(sts_endpoint_url="http://127.0.0.1:9", max_worker_threads=threads)
 
 
 @pytest.mark.parametrize("sink_class", [AsyncS3Sink, S3Sink])

@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from model_runner.cli.synthetic import synthetic_detections
-from model_runner.sink import AsyncS3Sink, ObjectExistsError, S3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, ObjectExistsError, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 from model_runner.sink.upload.conditional import CONFLICT_RETRIES
 
@@ -33,7 +33,7 @@ def features_for(size: str, seed: int) -> list[dict[str, Any]]:
 
 
 def sink_through(proxy: FaultProxy, bucket: str) -> AsyncS3Sink:
-    return AsyncS3Sink(bucket, "conditional", endpoint_url=proxy.url, settings=SMALL_PARTS)
+    return AsyncS3Sink(bucket, "conditional", client=ClientSettings(endpoint_url=proxy.url), settings=SMALL_PARTS)
 
 
 @pytest.mark.anyio
@@ -84,7 +84,7 @@ async def test_a_store_applied_whose_answer_was_lost_succeeds(
 def test_the_sync_sink_recognises_its_own_object_after_a_lost_answer(proxy: FaultProxy, s3: Any, bucket: str) -> None:
     proxy.add_rule(Rule({"PutObject"}, "error500_after", times=1))
     features = features_for("single", 8)
-    sink = S3Sink(bucket, "conditional", endpoint_url=proxy.url)
+    sink = S3Sink(bucket, "conditional", client=ClientSettings(endpoint_url=proxy.url))
     assert sink.write("image", features, overwrite=False) is True
     assert s3.get_object(Bucket=bucket, Key=KEY)["Body"].read() == collection(features)
 
