@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 # test-python: another interpreter, by version (PY=3.10, found under pyenv) or by path (PYTHON=/path/to/python).
 PY ?=
-# Extra pytest arguments for test-python and test-uvloop, e.g. PYTEST_ARGS='-x tests/test_multipart.py'.
+# Extra pytest arguments for test-python and test-uvloop, e.g. PYTEST_ARGS='-x tests/s3/test_multipart.py'.
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-python test-uvloop lint bench bench-report docs clean

@@ -39,6 +39,7 @@ MODULES = {
     "floor-multipart": "benchmarks.baselines",
     "floor-put": "benchmarks.baselines",
     "AsyncS3Sink": "benchmarks.contenders",
+    "AsyncS3Sink-seq": "benchmarks.contenders",
     "S3Sink": "benchmarks.contenders",
     "aioboto3": "benchmarks.peers",
     "obstore": "benchmarks.peers",

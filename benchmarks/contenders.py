@@ -18,7 +18,7 @@ from benchmarks.results import WriteFigures
 from model_runner.sink import AsyncS3Sink, S3Sink, SinkSettings
 from model_runner.sink.results import WriteResult
 
-__all__ = ["IMAGE_ID", "WARM_UP", "AsyncSinkContender", "Contender", "FacadeContender", "Job"]
+__all__ = ["IMAGE_ID", "WARM_UP", "AsyncSinkContender", "Contender", "FacadeContender", "Job", "SequenceSinkContender"]
 
 # The image id's last segment names the object, as in the seed; a uuid prefix like the model runner's job ids.
 IMAGE_ID = "2b5f7c4e-0d1a-4c6e-9a8b-3f2e1d0c9b8a:s3://imagery/{name}.tif"
@@ -147,6 +147,13 @@ class AsyncSinkContender(Contender):
         return sum(result.bytes for result in self.results)
 
 
+class SequenceSinkContender(AsyncSinkContender):
+    """:class:`AsyncS3Sink` writing GeoJSON text sequences (``output_format="geojsonseq"``)."""
+
+    key = "AsyncS3Sink-seq"
+    settings = SinkSettings(output_format="geojsonseq")
+
+
 class FacadeContender(Contender):
     """The :class:`S3Sink` facade with default settings, through ``asyncio.to_thread`` (default executor)."""
 
@@ -169,4 +176,6 @@ class FacadeContender(Contender):
         return sum(result.bytes for result in self.results)
 
 
-CONTENDERS: dict[str, type[Contender]] = {kind.key: kind for kind in (AsyncSinkContender, FacadeContender)}
+CONTENDERS: dict[str, type[Contender]] = {
+    kind.key: kind for kind in (AsyncSinkContender, SequenceSinkContender, FacadeContender)
+}

@@ -88,6 +88,7 @@ CASES = {
     "cold-loop": Case("loop", "AsyncS3Sink", 1, 500),
     "warm-100k": Case("warm", "AsyncS3Sink", 1, 100_000),
     "warm-50x500": Case("warm", "AsyncS3Sink", 50, 500),
+    "seq-100k": Case("warm", "AsyncS3Sink-seq", 1, 100_000),
     "to-thread-100k": Case("warm", "S3Sink", 1, 100_000),
     "floor-multipart-100k": Case("warm", "floor-multipart", 1, 100_000),
     "floor-put-100k": Case("warm", "floor-put", 1, 100_000),
@@ -99,6 +100,9 @@ ROWS = [
     Row("cold-process", "stall: first write of a fresh process", "cold-process", stall_ms, "ms", 15, 10),
     Row("cold-loop", "stall: first write on a new loop of a process that wrote", "cold-loop", stall_ms, "ms", 15, 10),
     Row("warm-100k", "stall: 100k features (~52 MB) on a warm loop", "warm-100k", stall_ms, "ms", 10, 5),
+    Row("warm-100k-rss", "peak RSS growth: 100k features on a warm loop", "warm-100k", rss_mb, "MB"),
+    Row("seq-100k", "stall: 100k features as a GeoJSON text sequence", "seq-100k", stall_ms, "ms", 10, 5),
+    Row("seq-100k-rss", "peak RSS growth: 100k features as a text sequence", "seq-100k", rss_mb, "MB"),
     Row("warm-50x500", "stall: 50 concurrent writes of 500 features", "warm-50x500", stall_ms, "ms", 10, 5),
     Row("to-thread-100k", "stall: to_thread(S3Sink.write, 100k features)", "to-thread-100k", stall_ms, "ms", 10, 5),
     Row(

@@ -1,4 +1,11 @@
-"""Shared fixtures: one moto S3/STS server per session, reached only through the standard AWS variables."""
+"""
+Shared fixtures: one moto S3/STS server per session, reached only through the standard AWS variables, and fault
+proxies in front of it.
+
+The tests come in tiers: ``unit/`` needs no server; ``s3/`` writes to the moto server; ``faults/`` goes through a
+:class:`~support.proxy.FaultProxy` that injects faults; ``proxy/`` tests the proxy itself. ``support/`` holds what
+they share.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Any
 
 import boto3
 import pytest
+from support.proxy import FaultProxy
 
 from model_runner.cli.moto_server import MotoServer
 
@@ -123,3 +131,24 @@ def subprocess_environment(moto_server: MotoServer) -> dict[str, str]:
     environment = dict(os.environ)
     environment.pop("PYTHONWARNINGS", None)
     return environment
+
+
+@pytest.fixture(scope="session")
+def fault_moto(moto_server: MotoServer) -> MotoServer:
+    """
+    The session's moto server, as the upstream of fault proxies.
+
+    :return: The running server.
+    """
+    return moto_server
+
+
+@pytest.fixture
+def proxy(fault_moto: MotoServer) -> Iterator[FaultProxy]:
+    """
+    A fresh fault proxy in front of :func:`fault_moto`, with no rules, an empty log and random seed 0.
+
+    :return: The running proxy.
+    """
+    with FaultProxy(fault_moto.endpoint_url, seed=0) as fault_proxy:
+        yield fault_proxy

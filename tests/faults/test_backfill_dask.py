@@ -18,12 +18,11 @@ from typing import Any
 import distributed
 import orjson
 import pytest
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.backfill.job import backfill
 from model_runner.cli.backfill.writes import Target
 from model_runner.cli.synthetic import synthetic_detections
-
-from .proxy import FaultProxy, Rule
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -14,13 +14,12 @@ import anyio
 import numpy as np
 import orjson
 import pytest
-from bad_inputs import NOT_COLLECTIONS
+from support.bad_inputs import NOT_COLLECTIONS
+from support.proxy import FaultProxy
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings, FeatureEncodingError, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
-
-from .proxy import FaultProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

@@ -16,12 +16,11 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings, SinkSettings
 from model_runner.sink.settings import MiB
-
-from .proxy import FaultProxy, Rule
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

@@ -10,12 +10,11 @@ import warnings
 from typing import Any
 
 import pytest
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings, SinkSettings
 from model_runner.sink.settings import MiB
-
-from .proxy import FaultProxy, Rule
 
 pytestmark = pytest.mark.timeout(120)
 

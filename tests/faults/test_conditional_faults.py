@@ -9,13 +9,12 @@ import anyio
 import orjson
 import pytest
 from botocore.exceptions import ClientError
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings, ObjectExistsError, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
 from model_runner.sink.upload.conditional import CONFLICT_RETRIES
-
-from .proxy import FaultProxy, Rule
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -16,11 +16,10 @@ import anyio
 import orjson
 import pytest
 from botocore.exceptions import ClientError
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings, InvalidAssumedRoleException, S3Sink
-
-from .proxy import FaultProxy, Rule
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings, SinkMetrics, SinkSettings
 from model_runner.sink.settings import MiB
-
-from .proxy import FaultProxy, Rule
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

@@ -9,13 +9,12 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from support.proxy import FaultProxy
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink, SinkSettings
 from model_runner.sink.budget import ByteBudget
 from model_runner.sink.settings import MiB
-
-from .proxy import FaultProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
 

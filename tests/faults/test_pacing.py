@@ -7,12 +7,11 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings
 from model_runner.sink.pacing import PUT_SLOTS
-
-from .proxy import FaultProxy, Rule
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

@@ -12,12 +12,11 @@ import anyio
 import orjson
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings, FeatureEncodingError, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
-
-from .proxy import FaultProxy, Rule
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

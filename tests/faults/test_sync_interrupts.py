@@ -13,12 +13,11 @@ from typing import Any
 
 import orjson
 import pytest
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import ClientSettings, S3Sink, SinkSettings
 from model_runner.sink.settings import MiB
-
-from .proxy import FaultProxy, Rule
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -21,10 +21,9 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
+from support.proxy import Exchange, FaultProxy, Rule, classify
 
 from model_runner.cli.moto_server import MotoServer
-
-from .proxy import Exchange, FaultProxy, Rule, classify
 
 MiB = 1 << 20
 ROLE_ARN = "arn:aws:iam::123456789012:role/model-runner"

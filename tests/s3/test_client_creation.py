@@ -25,7 +25,7 @@ from botocore.config import Config
 from botocore.endpoint_provider import EndpointProvider
 from botocore.exceptions import SSLError
 from botocore.loaders import Loader
-from tls import ConnectProxy, TlsMotoServer
+from support.tls import ConnectProxy, TlsMotoServer
 
 from model_runner.cli.moto_server import MotoServer
 from model_runner.sink import AsyncS3Sink, ClientSettings, clients

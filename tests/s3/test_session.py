@@ -10,7 +10,7 @@ from typing import Any
 
 import aioboto3
 import pytest
-from faults.proxy import FaultProxy
+from support.proxy import FaultProxy
 
 from model_runner.cli.moto_server import MotoServer
 from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink, clients

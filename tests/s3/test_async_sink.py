@@ -14,8 +14,8 @@ import anyio.lowlevel
 import geojson
 import orjson
 import pytest
-from bad_inputs import NOT_COLLECTIONS
 from botocore.exceptions import ClientError
+from support.bad_inputs import NOT_COLLECTIONS
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, FeatureEncodingError, SinkSettings, WriteResult

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from faults.proxy import FaultProxy, Rule
+from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.moto_server import MotoServer
 from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink

@@ -17,7 +17,7 @@ import anyio.to_thread
 import geojson
 import orjson
 import pytest
-from bad_inputs import NOT_COLLECTIONS
+from support.bad_inputs import NOT_COLLECTIONS
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import FeatureEncodingError, InvalidAssumedRoleException, S3Sink, SinkSettings
