@@ -12,8 +12,6 @@ import tempfile
 import zlib
 from base64 import b64encode
 from collections.abc import Iterable
-from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import boto3
@@ -163,7 +161,6 @@ class FloorContender(Contender):
 
     def __init__(self, bucket: str, prefix: str) -> None:
         super().__init__(bucket, prefix)
-        self._stack = AsyncExitStack()
         self._client: S3Client | None = None
 
     async def __aenter__(self) -> FloorContender:
@@ -176,11 +173,6 @@ class FloorContender(Contender):
         client = AioSession().create_client("s3", config=config)
         self._client = await self._stack.enter_async_context(client)
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        await self._stack.aclose()
 
     @classmethod
     def prepare(cls, features: Iterable[Any]) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -50,6 +51,8 @@ class Contender(ABC):
         self.prefix = prefix
         # This project's sinks keep the WriteResults of their last run here.
         self.results: list[WriteResult] = []
+        # What a contender opens in __aenter__ (clients, sessions), closed by __aexit__.
+        self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Contender:
         return self
@@ -57,7 +60,7 @@ class Contender(ABC):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        return None
+        await self._stack.aclose()
 
     def mode(self, writes: int) -> str:
         """

@@ -7,8 +7,6 @@ import io
 import json
 import os
 from collections.abc import Iterable
-from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Any
 
 import aioboto3
@@ -39,15 +37,6 @@ def _collection(features: list[Any]) -> dict[str, Any]:
 
 class _AsyncPeer(Contender):
     """A peer awaited from the loop: its writes run concurrently through ``write``."""
-
-    def __init__(self, bucket: str, prefix: str) -> None:
-        super().__init__(bucket, prefix)
-        self._stack = AsyncExitStack()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        await self._stack.aclose()
 
     @classmethod
     def prepare(cls, features: Iterable[Any]) -> Any:

@@ -11,8 +11,8 @@ is not retried by botocore: it is retried here, a bounded number of times.
 from __future__ import annotations
 
 import hashlib
-import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +20,8 @@ import anyio
 import anyio.to_thread
 from botocore.exceptions import ClientError
 
+from model_runner.sink.exceptions import ObjectExistsError
+from model_runner.sink.logs import upload_logger as logger
 from model_runner.sink.responses import error_code, retry_attempts
 
 if TYPE_CHECKING:
@@ -29,16 +31,16 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFLICT_RETRIES",
     "SentObject",
+    "StoreTarget",
     "check_overwrite",
     "condition",
     "is_precondition_failed",
     "retry_conflicts",
+    "store_conditionally",
     "stored_by_this_write",
     "was_retried",
 ]
 
-# One logger for the whole upload layer, the one the guide documents.
-logger = logging.getLogger(__package__)
 
 # S3 answers 409 while another conditional write on the key is in flight; it settles within moments.
 CONFLICT_RETRIES = 4
@@ -159,3 +161,55 @@ def was_retried(error: ClientError) -> bool:
     :return: `True` if it was retried.
     """
     return retry_attempts(error.response) > 0
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """
+    Where a storing request puts its object.
+
+    :param client: The S3 client.
+    :param bucket: The bucket.
+    :param key: The object key.
+    :param bucket_arguments: What every request on the bucket carries.
+    """
+
+    client: S3Client
+    bucket: str
+    key: str
+    bucket_arguments: dict[str, Any]
+
+
+async def store_conditionally(
+    send: Callable[[], Awaitable[Mapping[str, Any]]],
+    operation: str,
+    target: StoreTarget,
+    overwrite: bool,
+    sent: Callable[[], AbstractContextManager[SentObject]],
+) -> Mapping[str, Any]:
+    """
+    Send the request that stores an object (``PutObject``, ``CompleteMultipartUpload``), retrying S3's conflicts;
+    if it carried ``If-None-Match: *`` and met an object, tell this write's own (an earlier attempt applied) from
+    another's.
+
+    :param send: Sends the request once, with :func:`condition` among its arguments.
+    :param operation: The request's name, for the logs.
+    :param target: Where the object goes.
+    :param overwrite: Whether the request may replace an object.
+    :param sent: Gives what the write sent, should it need recognising.
+    :return: S3's answer, or the stored object's ``HeadObject`` answer when it was recognised as this write's.
+    :raises ObjectExistsError: If another object has the key.
+    """
+    try:
+        return await retry_conflicts(send, operation, target.key)
+    except ClientError as refusal:
+        if overwrite or not is_precondition_failed(refusal):
+            raise
+        if was_retried(refusal):
+            with sent() as what:
+                head = await stored_by_this_write(
+                    target.client, target.bucket, target.key, what, target.bucket_arguments
+                )
+            if head is not None:
+                return {**head, "ResponseMetadata": refusal.response.get("ResponseMetadata", {})}
+        raise ObjectExistsError(target.bucket, target.key) from refusal

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from botocore.exceptions import ClientError
 
-from model_runner.sink.exceptions import ObjectExistsError
+from model_runner.sink.logs import upload_logger as logger
 from model_runner.sink.responses import error_code, retry_attempts
 from model_runner.sink.settings import SinkSettings
-from model_runner.sink.upload.conditional import (
-    SentObject,
-    condition,
-    is_precondition_failed,
-    retry_conflicts,
-    stored_by_this_write,
-    was_retried,
-)
+from model_runner.sink.upload.conditional import SentObject, StoreTarget, condition, store_conditionally
 from model_runner.sink.upload.outcome import UploadEvents, UploadOutcome, tell_retries, verify_checksum
 from model_runner.sink.upload.parts import ObjectCrc
 from model_runner.sink.upload.settle import (
@@ -43,9 +36,6 @@ if TYPE_CHECKING:
     from model_runner.sink.clients import SharedClient
 
 __all__ = ["MultipartUpload"]
-
-# One logger for the whole upload layer, the one the guide documents.
-logger = logging.getLogger(__package__)
 
 
 class MultipartUpload:
@@ -189,12 +179,13 @@ class MultipartUpload:
             request = self._client.complete_multipart_upload(**arguments)
             return await finish_or_settle(request, self._settle_cancelled_completion)
 
-        try:
-            completed: Mapping[str, Any] = await retry_conflicts(send, "CompleteMultipartUpload", self.key)
-        except ClientError as error:
-            if self._overwrite or not is_precondition_failed(error):
-                raise
-            completed = await self._own_object(checksum, error)
+        target = StoreTarget(self._client, self.bucket, self.key, self._bucket_arguments)
+        what = SentObject(self.outcome.bytes, checksum)
+
+        def sent() -> nullcontext[SentObject]:
+            return nullcontext(what)
+
+        completed = await store_conditionally(send, "CompleteMultipartUpload", target, self._overwrite, sent)
         self._settled = True
         self._record(completed, checksum, len(parts))
 
@@ -207,15 +198,6 @@ class MultipartUpload:
         self.outcome.retries += retry_attempts(completed)
         self.outcome.etag = completed.get("ETag", "")
         self.outcome.version_id = completed.get("VersionId")
-
-    async def _own_object(self, checksum: str, refusal: ClientError) -> Mapping[str, Any]:
-        # A conditional complete met an object with the key: this upload's own, if an earlier attempt applied.
-        if was_retried(refusal):
-            sent = SentObject(self.outcome.bytes, checksum)
-            head = await stored_by_this_write(self._client, self.bucket, self.key, sent, self._bucket_arguments)
-            if head is not None:
-                return {**head, "ResponseMetadata": refusal.response.get("ResponseMetadata", {})}
-        raise ObjectExistsError(self.bucket, self.key) from refusal
 
     async def abort(self) -> None:
         """

@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-from botocore.exceptions import ClientError
 
-from model_runner.sink.exceptions import ObjectExistsError
 from model_runner.sink.pacing import put_slots
 from model_runner.sink.responses import retry_attempts
-from model_runner.sink.upload.conditional import (
-    SentObject,
-    condition,
-    is_precondition_failed,
-    retry_conflicts,
-    stored_by_this_write,
-    was_retried,
-)
+from model_runner.sink.upload.conditional import SentObject, StoreTarget, condition, store_conditionally
 from model_runner.sink.upload.outcome import UploadEvents, UploadOutcome, tell_retries, verify_checksum
 from model_runner.sink.upload.parts import INLINE_SEAL_BYTES, SealedBody, seal
 from model_runner.sink.upload.settle import answer, finish_or_settle, tell_cancelled
@@ -74,12 +66,9 @@ async def put_object(
         **object_arguments,
         **condition(overwrite),
     }
-    try:
-        response: Mapping[str, Any] = await retry_conflicts(partial(_send, shared, arguments, sealed), "PutObject", key)
-    except ClientError as error:
-        if overwrite or not is_precondition_failed(error):
-            raise
-        response = await _own_object(shared, arguments, sealed, error)
+    target = StoreTarget(shared.client, bucket, key, _bucket_arguments(arguments))
+    send = partial(_send, shared, arguments, sealed)
+    response = await store_conditionally(send, "PutObject", target, overwrite, partial(_sent, sealed))
     verify_checksum(response, sealed.checksum, key)
     tell_retries(events, "PutObject", response)
     return UploadOutcome(
@@ -109,18 +98,11 @@ async def _settle_cancelled_put(bucket: str, key: str, request: asyncio.Task[Put
     tell_cancelled(bucket, key, "PutObject", stored)
 
 
-async def _own_object(
-    shared: SharedClient, arguments: dict[str, Any], sealed: SealedBody, refusal: ClientError
-) -> Mapping[str, Any]:
-    # A conditional PutObject met an object with its key: this write's own, if an earlier attempt applied.
-    bucket, key = arguments["Bucket"], arguments["Key"]
-    if was_retried(refusal):
-        with sealed.body.getbuffer() as body:
-            sent = SentObject(sealed.size, sealed.checksum, body)
-            head = await stored_by_this_write(shared.client, bucket, key, sent, _bucket_arguments(arguments))
-        if head is not None:
-            return {**head, "ResponseMetadata": refusal.response.get("ResponseMetadata", {})}
-    raise ObjectExistsError(bucket, key) from refusal
+@contextmanager
+def _sent(sealed: SealedBody) -> Iterator[SentObject]:
+    # The body whole too: its MD5 is the ETag of an object stored in one request, for a server with no checksum.
+    with sealed.body.getbuffer() as body:
+        yield SentObject(sealed.size, sealed.checksum, body)
 
 
 def _bucket_arguments(arguments: dict[str, Any]) -> dict[str, Any]:

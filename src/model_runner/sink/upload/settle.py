@@ -6,12 +6,13 @@ its own, which no cancellation of the write reaches, anyio's or asyncio's own, a
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
+
+from model_runner.sink.logs import upload_logger as logger
 
 __all__ = [
     "ABORT_TIMEOUT_SECONDS",
@@ -22,8 +23,6 @@ __all__ = [
     "tell_cancelled",
 ]
 
-# One logger for the whole upload layer, the one the guide documents.
-logger = logging.getLogger(__package__)
 
 # An abort must finish even when the write was cancelled, but must not hang a shutdown either.
 ABORT_TIMEOUT_SECONDS = 60.0

@@ -3,7 +3,6 @@ with the parts cut as chunks arrive and sent a few at a time."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -12,6 +11,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from model_runner.sink.budget import BudgetHold
+from model_runner.sink.logs import upload_logger as logger
 from model_runner.sink.settings import SinkSettings
 from model_runner.sink.upload.multipart import MultipartUpload
 from model_runner.sink.upload.outcome import UploadEvents, UploadOutcome
@@ -25,9 +25,6 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["upload_object"]
-
-# One logger for the whole upload layer, the one the guide documents.
-logger = logging.getLogger(__package__)
 
 
 async def upload_object(
