@@ -144,26 +144,32 @@ class AsyncSinkWriter:
     ) -> bool:
         task_group, turn = self._task_group, self._turn
         assert task_group is not None and turn is not None
-        if exc is None:
-            async with turn:
-                # Under the turn, so that an add already handing its batch over lands before the object ends.
-                self._state = "closing"
-                self._send.close()
-        else:
+        try:
+            if exc is None:
+                async with turn:
+                    # Under the turn, so that an add already handing its batch over lands before the object ends.
+                    self._state = "closing"
+                    self._send.close()
+        except BaseException:
+            # Cancelled while waiting for the turn: the object is aborted all the same.
+            await self._end(task_group, abort=True)
+            raise
+        await self._end(task_group, abort=exc is not None)
+        if exc is None and self._error is not None:
+            raise self._error
+        return False
+
+    async def _end(self, task_group: TaskGroup, *, abort: bool) -> None:
+        if abort:
             self._state = "aborting"
+            # Cancels the write, which aborts its upload; the adders waiting for room find the stream closed.
             task_group.cancel_scope.cancel()
         try:
             # The block's own exception is not the task group's to wrap in a group: it propagates as it is.
             await task_group.__aexit__(None, None, None)
-        except BaseException:
-            task_group.cancel_scope.cancel()
-            raise
         finally:
             self._send.close()
             self._state = "ended"
-        if exc is None and self._error is not None:
-            raise self._error
-        return False
 
 
 class SinkWriter:
