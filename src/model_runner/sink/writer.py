@@ -52,13 +52,13 @@ async def _features(batches: MemoryObjectReceiveStream[list[Feature] | tuple[Fea
 
 class AsyncSinkWriter:
     """
-    One object, written from features added a batch at a time while it is open; made by
-    :meth:`AsyncS3Sink.open <model_runner.sink.async_s3_sink.AsyncS3Sink.open>`.
+    One object, written from features added a batch at a time while it is open.
 
-    A background task runs the sink's own write over the batches as they are added: parts are uploaded as they
-    fill, with the same bounded memory, checksums and loop stalls as ``write``. The object is completed when the
-    ``async with`` block ends normally (:attr:`result` then tells what was stored); an exception or a cancellation
-    inside the block aborts it and stores nothing.
+    Made by :meth:`AsyncS3Sink.open <model_runner.sink.async_s3_sink.AsyncS3Sink.open>`. A background task runs
+    the sink's own write over the batches as they are added: parts are uploaded as they fill, with the same bounded
+    memory, checksums and loop stalls as ``write``. The object is completed when the ``async with`` block ends
+    normally (:attr:`result` then tells what was stored); an exception or a cancellation inside the block aborts it
+    and stores nothing.
     """
 
     def __init__(self, sink: AsyncS3Sink, image_id: str, metadata: Mapping[str, str] | None, overwrite: bool) -> None:
@@ -174,9 +174,11 @@ class AsyncSinkWriter:
 
 class SinkWriter:
     """
+    One object, written from features added a batch at a time from any number of threads while it is open.
+
     The synchronous twin of :class:`AsyncSinkWriter`, made by :meth:`S3Sink.open
-    <model_runner.sink.s3_sink.S3Sink.open>`: its write runs on the sinks' private event loop, and any number of
-    threads may add to it. Ctrl-C or an exception inside the ``with`` block aborts it and stores nothing.
+    <model_runner.sink.s3_sink.S3Sink.open>`: its write runs on the sinks' private event loop. Ctrl-C or an exception
+    inside the ``with`` block aborts it and stores nothing.
     """
 
     def __init__(self, writer: AsyncSinkWriter, what: str) -> None:
