@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from model_runner.sink.encoding import Feature
 from model_runner.sink.loop_thread import Call, checked_timeout, pulled_by_caller, shared_loop
@@ -25,6 +25,8 @@ __all__ = ["AsyncSinkWriter", "SinkWriter"]
 # enough that what a writer holds stays a handful of batches besides the upload's own bounded bytes.
 BUFFERED_BATCHES = 4
 
+_Batch: TypeAlias = "list[Feature] | tuple[Feature, ...]"
+
 
 def _check_batch(features: object) -> None:
     if isinstance(features, (str, bytes, bytearray, Mapping)) or not isinstance(features, (Iterable, AsyncIterable)):
@@ -34,7 +36,7 @@ def _check_batch(features: object) -> None:
         )
 
 
-async def _gathered(features: Iterable[Feature] | AsyncIterable[Feature]) -> list[Feature] | tuple[Feature, ...]:
+async def _gathered(features: Iterable[Feature] | AsyncIterable[Feature]) -> _Batch:
     """A batch as a sequence, so that it is fed to the object whole, whatever its source."""
     if isinstance(features, (list, tuple)):
         return features
@@ -44,7 +46,7 @@ async def _gathered(features: Iterable[Feature] | AsyncIterable[Feature]) -> lis
     return await anyio.to_thread.run_sync(list, features)
 
 
-async def _features(batches: MemoryObjectReceiveStream[list[Feature] | tuple[Feature, ...]]) -> AsyncIterator[Feature]:
+async def _features(batches: MemoryObjectReceiveStream[_Batch]) -> AsyncIterator[Feature]:
     async for batch in batches:
         for feature in batch:
             yield feature
@@ -74,9 +76,7 @@ class AsyncSinkWriter:
         self._error: BaseException | None = None
         self._state = "new"
         self._task_group: TaskGroup | None = None
-        self._send, self._receive = anyio.create_memory_object_stream[list[Feature] | tuple[Feature, ...]](
-            BUFFERED_BATCHES
-        )
+        self._send: MemoryObjectSendStream[_Batch] | None = None
 
     def __repr__(self) -> str:
         return f"AsyncSinkWriter(bucket={self._sink.bucket!r}, key={self.key!r}, state={self._state!r})"
@@ -86,16 +86,17 @@ class AsyncSinkWriter:
             raise RuntimeError(f"{self!r} can be opened once only")
         # Made here, on the loop, for the synchronous twin builds its writer on its caller's thread.
         self._turn = anyio.Lock()
+        self._send, receive = anyio.create_memory_object_stream[_Batch](BUFFERED_BATCHES)
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._run)
+        self._task_group.start_soon(self._run, receive)
         self._state = "open"
         return self
 
-    async def _run(self) -> None:
+    async def _run(self, receive: MemoryObjectReceiveStream[_Batch]) -> None:
         try:
             self.result = await self._sink.write_with_result(
-                self._image_id, _features(self._receive), metadata=self._metadata, overwrite=self._overwrite
+                self._image_id, _features(receive), metadata=self._metadata, overwrite=self._overwrite
             )
         except Exception as error:
             # Kept for the adders and the block's exit rather than raised: raised, it would cancel the caller's
@@ -103,7 +104,7 @@ class AsyncSinkWriter:
             self._error = error
         finally:
             # Wakes the adders waiting for room: they raise the error, or find the writer closed.
-            self._receive.close()
+            receive.close()
 
     async def add(self, features: Iterable[Feature] | AsyncIterable[Feature]) -> None:
         """
@@ -121,14 +122,15 @@ class AsyncSinkWriter:
         :raises RuntimeError: If the writer is not open: before its block, or after it ended.
         """
         _check_batch(features)
-        if self._turn is None:
+        turn, send = self._turn, self._send
+        if turn is None or send is None:
             raise RuntimeError(f"{self!r} is not open: add features inside its async with block")
-        async with self._turn:
+        async with turn:
             self._check_open()
             batch = await _gathered(features)
             self._check_open()
             try:
-                await self._send.send(batch)
+                await send.send(batch)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._check_open()
                 raise RuntimeError(f"{self!r} has ended") from None
@@ -142,24 +144,24 @@ class AsyncSinkWriter:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> bool:
-        task_group, turn = self._task_group, self._turn
-        assert task_group is not None and turn is not None
+        task_group, turn, send = self._task_group, self._turn, self._send
+        assert task_group is not None and turn is not None and send is not None
         try:
             if exc is None:
                 async with turn:
                     # Under the turn, so that an add already handing its batch over lands before the object ends.
                     self._state = "closing"
-                    self._send.close()
+                    send.close()
         except BaseException:
             # Cancelled while waiting for the turn: the object is aborted all the same.
-            await self._end(task_group, abort=True)
+            await self._end(task_group, send, abort=True)
             raise
-        await self._end(task_group, abort=exc is not None)
+        await self._end(task_group, send, abort=exc is not None)
         if exc is None and self._error is not None:
             raise self._error
         return False
 
-    async def _end(self, task_group: TaskGroup, *, abort: bool) -> None:
+    async def _end(self, task_group: TaskGroup, send: MemoryObjectSendStream[_Batch], *, abort: bool) -> None:
         if abort:
             self._state = "aborting"
             # Cancels the write, which aborts its upload; the adders waiting for room find the stream closed.
@@ -168,7 +170,7 @@ class AsyncSinkWriter:
             # The block's own exception is not the task group's to wrap in a group: it propagates as it is.
             await task_group.__aexit__(None, None, None)
         finally:
-            self._send.close()
+            send.close()
             self._state = "ended"
 
 
