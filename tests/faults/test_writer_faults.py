@@ -11,7 +11,7 @@ import orjson
 import pytest
 from botocore.exceptions import ClientError
 
-from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink, SinkSettings
+from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink, SinkError, SinkSettings
 from model_runner.sink.settings import MiB
 
 from .proxy import FaultProxy, Rule
@@ -93,3 +93,19 @@ def test_the_sync_writer_stores_every_batch_whole_through_retried_requests(
     assert proxy.count("UploadPart") == writer.result.parts + 3
     assert proxy.count("CompleteMultipartUpload") == 2
     assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)
+
+
+def test_an_add_that_times_out_while_the_writer_is_full_fails_it_and_nothing_is_stored(
+    proxy: FaultProxy, bucket: str, s3: Any
+) -> None:
+    # Parts that take long to store fill the writer: the encoder waits for a part slot, then the buffered batches.
+    proxy.add_rule(Rule({"UploadPart"}, "delay", delay=5.0))
+    sink = S3Sink(bucket, "timed-out", settings=SMALL_PARTS, client=ClientSettings(endpoint_url=proxy.url))
+    with pytest.raises(SinkError, match="cancelled while handing its batch over"), sink.open("scene") as writer:
+        with pytest.raises(TimeoutError):
+            for number in range(60):
+                writer.add(batch(number), timeout=1.0)
+        with pytest.raises(SinkError):
+            writer.add(batch(60))
+    assert writer.result is None
+    assert_nothing_left(s3, bucket)

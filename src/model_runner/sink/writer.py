@@ -12,6 +12,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from model_runner.sink.encoding import Feature
+from model_runner.sink.exceptions import SinkError
 from model_runner.sink.loop_thread import Call, checked_timeout, pulled_by_caller, shared_loop
 from model_runner.sink.results import WriteResult
 from model_runner.sink.upload.conditional import check_overwrite
@@ -116,9 +117,12 @@ class AsyncSinkWriter:
             worker thread) or an async iterable of GeoJSON features; an iterable or async iterable is gathered whole
             before its turn comes, so a slow source holds up the adds made after it.
         :raises TypeError: If ``features`` is not an iterable or async iterable of features (the writer goes on).
+            A call cancelled while its batch is handed over (the writer full) fails the writer, which then stores
+            nothing: the batch may or may not have landed.
         :raises FeatureEncodingError: If a feature added so far could not be encoded; it names the feature's index
             within the object, and the writer stores nothing.
         :raises ClientError: If S3 refused the upload; the writer stores nothing.
+        :raises SinkError: If an earlier add was cancelled while handing its batch over; the writer stores nothing.
         :raises RuntimeError: If the writer is not open: before its block, or after it ended.
         """
         _check_batch(features)
@@ -134,6 +138,14 @@ class AsyncSinkWriter:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._check_open()
                 raise RuntimeError(f"{self!r} has ended") from None
+            except anyio.get_cancelled_exc_class():
+                # A hand-over cancelled as it completes may have delivered the batch all the same: whether it
+                # landed is unknown, so the object cannot be known whole and is not stored.
+                self._error = self._error or SinkError(
+                    f"an add to s3://{self._sink.bucket}/{self.key} was cancelled while handing its batch over;"
+                    " nothing is stored"
+                )
+                raise
 
     def _check_open(self) -> None:
         if self._error is not None:
@@ -151,12 +163,13 @@ class AsyncSinkWriter:
                 async with turn:
                     # Under the turn, so that an add already handing its batch over lands before the object ends.
                     self._state = "closing"
-                    send.close()
+                    if self._error is None:
+                        send.close()
         except BaseException:
             # Cancelled while waiting for the turn: the object is aborted all the same.
             await self._end(task_group, send, abort=True)
             raise
-        await self._end(task_group, send, abort=exc is not None)
+        await self._end(task_group, send, abort=exc is not None or self._error is not None)
         if exc is None and self._error is not None:
             raise self._error
         return False
@@ -231,7 +244,8 @@ class SinkWriter:
 
         :param features: A list or any iterable of GeoJSON features.
         :param timeout: Seconds to wait for the batch to be accepted; `None` for no limit. A batch that timed out
-            was not added; the writer goes on.
+            waiting for its turn was not added, and the writer goes on; one that timed out while handed over (the
+            writer full) may have landed or not, so the writer fails and stores nothing (:exc:`SinkError`).
         :raises TimeoutError: If the batch was not accepted within ``timeout``.
         :raises FeatureEncodingError: If a feature added so far could not be encoded; the writer stores nothing.
         :raises RuntimeError: If the writer is not open.
