@@ -1,6 +1,7 @@
 """
-The ``demo`` command: write small and large collections through both sinks to an embedded S3 server, then read each
-back and check it holds exactly the features written. It needs the ``demo`` extra (moto, which brings boto3).
+The ``demo`` command: write small and large collections through both sinks, and one through the open writer, to an
+embedded S3 server, then read each back and check it holds exactly the features written. It needs the ``demo``
+extra (moto, which brings boto3).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ _PREFIX = "detections"
 _SMALL_FEATURES = 500
 _CONTENT_TYPE = "application/geo+json"
 _MB = 1_000_000
+# The writer's collection arrives in this many batches, from this many tasks, as tiles come out of a model.
+_WRITER_BATCHES = 12
+_WRITER_TASKS = 4
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,32 @@ async def _write_async(bucket: str, jobs: Sequence[_Job]) -> list[_Written]:
     return written
 
 
+async def _write_opened(bucket: str, job: _Job) -> _Written:
+    """
+    Write one collection through :meth:`AsyncS3Sink.open`: its features added in batches from several tasks, as a
+    model runner adds each tile's detections, printing the write.
+
+    :param bucket: The bucket.
+    :param job: The collection to write.
+    :return: What was written: the batches in the order they were added.
+    """
+    features = job.features()
+    size = -(-len(features) // _WRITER_BATCHES)
+    batches = [features[start : start + size] for start in range(0, len(features), size)]
+    added: list[dict[str, Any]] = []
+    async with AsyncS3Sink(bucket, _PREFIX) as sink, sink.open(job.image_id) as writer:
+
+        async def add_tiles(task: int) -> None:
+            for batch in batches[task::_WRITER_TASKS]:
+                # Batches land whole, in the order of their add calls.
+                added.extend(batch)
+                await writer.add(batch)
+
+        await asyncio.gather(*(add_tiles(task) for task in range(_WRITER_TASKS)))
+    assert writer.result is not None
+    return _record(job, writer.result, added)
+
+
 def _problems(s3: Any, bucket: str, written: _Written) -> list[str]:
     """
     Read an object back and compare it with what was written.
@@ -172,17 +202,18 @@ def _jobs(large: int, seed: int) -> list[_Job]:
 
     :param large: Features in the large collections.
     :param seed: Seed of the first collection; the others follow it.
-    :return: A small and a large collection for each API, each for its own image.
+    :return: A small and a large collection for each API, each for its own image, and a large one for the writer.
     """
     shapes = [
         (api, kind, size, count)
         for api, kind in (("S3Sink", "sync"), ("AsyncS3Sink", "async"))
         for size, count in (("small", _SMALL_FEATURES), ("large", large))
     ]
-    return [
+    jobs = [
         _Job(api, f"s3://imagery/scene-{seed}-{kind}-{size}.tif", count, seed + index)
         for index, (api, kind, size, count) in enumerate(shapes)
     ]
+    return [*jobs, _Job("open()", f"s3://imagery/scene-{seed}-opened.tif", large, seed + len(jobs))]
 
 
 def run_demo(*, features: int, seed: int) -> int:
@@ -204,6 +235,7 @@ def run_demo(*, features: int, seed: int) -> int:
             async_jobs = [job for job in jobs if job.api == "AsyncS3Sink"]
             written = _write_sync(_BUCKET, sync_jobs)
             written += asyncio.run(_write_async(_BUCKET, async_jobs))
+            written += [asyncio.run(_write_opened(_BUCKET, job)) for job in jobs if job.api == "open()"]
             failed = sum(not _verify(s3, _BUCKET, item) for item in written)
     except (SinkError, FeatureEncodingError, BotoCoreError, ClientError, RuntimeError) as error:
         print(f"demo failed: {type(error).__name__}: {error}", file=sys.stderr)

@@ -16,10 +16,12 @@ from model_runner.sink.results import WriteResult
 from model_runner.sink.s3_sink import S3Sink
 from model_runner.sink.settings import ClientSettings, SinkSettings
 from model_runner.sink.sink import AsyncSink, Sink
+from model_runner.sink.writer import AsyncSinkWriter, SinkWriter
 
 __all__ = [
     "AsyncS3Sink",
     "AsyncSink",
+    "AsyncSinkWriter",
     "ChecksumMismatchError",
     "ClientSettings",
     "FeatureEncodingError",
@@ -31,6 +33,7 @@ __all__ = [
     "SinkError",
     "SinkMetrics",
     "SinkSettings",
+    "SinkWriter",
     "WriteResult",
     "close_shared_clients",
 ]

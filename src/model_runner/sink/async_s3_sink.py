@@ -33,6 +33,7 @@ from model_runner.sink.settings import ClientSettings, SinkSettings, resolve_cli
 from model_runner.sink.sink import AsyncSink
 from model_runner.sink.upload import upload_object
 from model_runner.sink.upload.conditional import check_overwrite
+from model_runner.sink.writer import AsyncSinkWriter
 
 if TYPE_CHECKING:
     import aioboto3
@@ -369,6 +370,27 @@ class AsyncS3Sink(AsyncSink):
             etag=outcome.etag,
             version_id=outcome.version_id,
         )
+
+    def open(
+        self, image_id: str, *, metadata: Mapping[str, str] | None = None, overwrite: bool = True
+    ) -> AsyncSinkWriter:
+        """
+        A writer for one image's object, to add features to a batch at a time while they are produced, from any
+        number of tasks: ``async with sink.open(image_id) as writer: await writer.add(features)``.
+
+        The features stream in as they are added, parts uploaded as they fill, but the object still appears whole
+        when the block ends normally, or not at all: an exception or a cancellation inside the block, or a batch
+        that fails to encode or upload, stores nothing. The sink's ``mode`` stays aggregate.
+
+        :param image_id: The identifier for the image, used to generate the S3 object key.
+        :param metadata: User metadata to store with the object (``x-amz-meta-*``).
+        :param overwrite: Whether an existing object with the key may be replaced; see :meth:`write_with_result`.
+        :return: The writer, to use as an async context manager; see
+            :class:`~model_runner.sink.writer.AsyncSinkWriter`.
+        :raises ValueError: If the image id has no file name.
+        :raises TypeError: If ``overwrite`` is not a bool.
+        """
+        return AsyncSinkWriter(self, image_id, metadata, overwrite)
 
     async def object_metadata(self, image_id: str) -> dict[str, str] | None:
         """

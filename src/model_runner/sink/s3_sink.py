@@ -20,6 +20,7 @@ from model_runner.sink.results import WriteResult
 from model_runner.sink.settings import ClientSettings, SinkSettings, resolve_client_settings
 from model_runner.sink.sink import Sink
 from model_runner.sink.upload.conditional import check_overwrite
+from model_runner.sink.writer import SinkWriter
 
 if TYPE_CHECKING:
     import aioboto3
@@ -234,6 +235,23 @@ class S3Sink(Sink):
         check_overwrite(overwrite)
         write = partial(self._sink.write_with_result, overwrite=overwrite)
         return self._write(write, image_id, features, metadata, on_progress, timeout)
+
+    def open(self, image_id: str, *, metadata: Mapping[str, str] | None = None, overwrite: bool = True) -> SinkWriter:
+        """
+        A writer for one image's object, to add features to a batch at a time from any number of threads:
+        ``with sink.open(image_id) as writer: writer.add(features)``. The object appears whole when the block ends
+        normally, or not at all (an exception or Ctrl-C inside the block), as with :meth:`AsyncS3Sink.open
+        <model_runner.sink.async_s3_sink.AsyncS3Sink.open>`.
+
+        :param image_id: The identifier for the image, used to generate the S3 object key.
+        :param metadata: User metadata to store with the object (``x-amz-meta-*``).
+        :param overwrite: Whether an existing object with the key may be replaced, as for :meth:`write`.
+        :return: The writer, to use as a context manager; see :class:`~model_runner.sink.writer.SinkWriter`.
+        :raises ValueError: If the image id has no file name.
+        :raises TypeError: If ``overwrite`` is not a bool.
+        """
+        writer = self._sink.open(image_id, metadata=metadata, overwrite=overwrite)
+        return SinkWriter(writer, f"writer of s3://{self.bucket}/{writer.key}")
 
     def validate_s3_bucket(self, *, timeout: float | None = None) -> bool:
         """

@@ -1,0 +1,111 @@
+"""The open writer under faults on the wire: an upload S3 refuses poisons the writer, which then stores nothing and
+leaves no multipart upload; a network failing now and then still stores every batch whole."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import orjson
+import pytest
+from botocore.exceptions import ClientError
+
+from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink, SinkError, SinkSettings
+from model_runner.sink.settings import MiB
+
+from .proxy import FaultProxy, Rule
+
+pytestmark = pytest.mark.timeout(180)
+
+SMALL_PARTS = SinkSettings(part_size=5 * MiB, multipart_threshold=5 * MiB, max_parts_in_flight=2)
+
+
+PAD = "x" * 300
+
+
+def batch(number: int, size: int = 10_000) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [number, n]},
+            "properties": {"b": [number, n], "pad": PAD},
+        }
+        for n in range(size)
+    ]
+
+
+def assert_nothing_left(s3: Any, bucket: str) -> None:
+    assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
+
+
+@pytest.mark.anyio
+async def test_a_refused_part_poisons_the_writer_its_adds_and_exit_raise_and_nothing_is_left(
+    proxy: FaultProxy, bucket: str, s3: Any
+) -> None:
+    proxy.add_rule(Rule({"UploadPart"}, "refuse", status=403, code="AccessDenied"))
+    sink = AsyncS3Sink(bucket, "refused", settings=SMALL_PARTS, client=ClientSettings(endpoint_url=proxy.url))
+    with pytest.raises(ClientError, match="AccessDenied") as at_exit:
+        async with sink.open("scene") as writer:
+            deadline = time.monotonic() + 120
+            with pytest.raises(ClientError, match="AccessDenied"):
+                number = 0
+                while True:
+                    assert time.monotonic() < deadline, "the refused part never reached the adds"
+                    await writer.add(batch(number))
+                    number += 1
+            with pytest.raises(ClientError):
+                await writer.add(batch(number))
+    assert at_exit.value.operation_name == "UploadPart"
+    assert writer.result is None
+    assert proxy.count("AbortMultipartUpload") >= 1
+    await sink.aclose()
+    assert_nothing_left(s3, bucket)
+
+
+def test_the_sync_writer_stores_every_batch_whole_through_retried_requests(
+    proxy: FaultProxy, bucket: str, s3: Any
+) -> None:
+    proxy.add_rule(Rule({"UploadPart"}, "slowdown", times=2))
+    proxy.add_rule(Rule({"UploadPart"}, "error500_after", times=1))
+    proxy.add_rule(Rule({"CompleteMultipartUpload"}, "slowdown", times=1))
+    client = ClientSettings(endpoint_url=proxy.url, max_attempts=10)
+    sink = S3Sink(bucket, "flaky", settings=SMALL_PARTS, client=client)
+
+    def model(thread: int) -> None:
+        for number in range(thread, 16, 4):
+            writer.add(batch(number, 2_000), timeout=120)
+
+    with sink.open("scene") as writer:
+        threads = [threading.Thread(target=model, args=(thread,)) for thread in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert writer.result is not None and writer.result.parts >= 2  # 16 batches of about 0.65 MB
+    features = orjson.loads(s3.get_object(Bucket=bucket, Key="flaky/scene.geojson")["Body"].read())["features"]
+    numbers = [feature["properties"]["b"][0] for feature in features[::2_000]]
+    assert sorted(numbers) == list(range(16))
+    assert [feature["properties"]["b"] for feature in features] == [
+        [number, n] for number in numbers for n in range(2_000)
+    ]
+    assert proxy.count("UploadPart") == writer.result.parts + 3
+    assert proxy.count("CompleteMultipartUpload") == 2
+    assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)
+
+
+def test_an_add_that_times_out_while_the_writer_is_full_fails_it_and_nothing_is_stored(
+    proxy: FaultProxy, bucket: str, s3: Any
+) -> None:
+    # Parts that take long to store fill the writer: the encoder waits for a part slot, then the buffered batches.
+    proxy.add_rule(Rule({"UploadPart"}, "delay", delay=5.0))
+    sink = S3Sink(bucket, "timed-out", settings=SMALL_PARTS, client=ClientSettings(endpoint_url=proxy.url))
+    with pytest.raises(SinkError, match="cancelled while handing its batch over"), sink.open("scene") as writer:
+        with pytest.raises(TimeoutError):
+            for number in range(60):
+                writer.add(batch(number), timeout=1.0)
+        with pytest.raises(SinkError):
+            writer.add(batch(60))
+    assert writer.result is None
+    assert_nothing_left(s3, bucket)
