@@ -10,11 +10,10 @@ from typing import Any
 import orjson
 import pytest
 from botocore.exceptions import ClientError
+from support.proxy import FaultProxy, Rule
 
 from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink, SinkError, SinkSettings
 from model_runner.sink.settings import MiB
-
-from .proxy import FaultProxy, Rule
 
 pytestmark = pytest.mark.timeout(180)
 
