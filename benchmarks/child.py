@@ -40,6 +40,7 @@ MODULES = {
     "floor-put": "benchmarks.baselines",
     "AsyncS3Sink": "benchmarks.contenders",
     "AsyncS3Sink-seq": "benchmarks.contenders",
+    "AsyncS3Sink.open": "benchmarks.contenders",
     "S3Sink": "benchmarks.contenders",
     "aioboto3": "benchmarks.peers",
     "obstore": "benchmarks.peers",

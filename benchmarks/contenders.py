@@ -19,7 +19,16 @@ from benchmarks.results import WriteFigures
 from model_runner.sink import AsyncS3Sink, S3Sink, SinkSettings
 from model_runner.sink.results import WriteResult
 
-__all__ = ["IMAGE_ID", "WARM_UP", "AsyncSinkContender", "Contender", "FacadeContender", "Job", "SequenceSinkContender"]
+__all__ = [
+    "IMAGE_ID",
+    "WARM_UP",
+    "AsyncSinkContender",
+    "Contender",
+    "FacadeContender",
+    "Job",
+    "SequenceSinkContender",
+    "WriterContender",
+]
 
 # The image id's last segment names the object, as in the seed; a uuid prefix like the model runner's job ids.
 IMAGE_ID = "2b5f7c4e-0d1a-4c6e-9a8b-3f2e1d0c9b8a:s3://imagery/{name}.tif"
@@ -157,6 +166,37 @@ class SequenceSinkContender(AsyncSinkContender):
     settings = SinkSettings(output_format="geojsonseq")
 
 
+class WriterContender(AsyncSinkContender):
+    """:meth:`AsyncS3Sink.open`: each collection added in 240 batches from 8 tasks, as a model runner adds tiles."""
+
+    key = "AsyncS3Sink.open"
+    batches: ClassVar[int] = 240
+    tasks: ClassVar[int] = 8
+
+    async def run(self, jobs: list[Job]) -> int:
+        """
+        Write each collection through an open writer.
+
+        :param jobs: ``(image id, features)`` pairs.
+        :return: Bytes stored.
+        """
+        self.results = await asyncio.gather(*(self._write(image_id, features) for image_id, features in jobs))
+        return sum(result.bytes for result in self.results)
+
+    async def _write(self, image_id: str, features: list[Any]) -> WriteResult:
+        size = -(-len(features) // self.batches)
+        tiles = [features[start : start + size] for start in range(0, len(features), size)]
+        async with self.sink.open(image_id) as writer:
+
+            async def add(task: int) -> None:
+                for tile in tiles[task :: self.tasks]:
+                    await writer.add(tile)
+
+            await asyncio.gather(*(add(task) for task in range(self.tasks)))
+        assert writer.result is not None
+        return writer.result
+
+
 class FacadeContender(Contender):
     """The :class:`S3Sink` facade with default settings, through ``asyncio.to_thread`` (default executor)."""
 
@@ -180,5 +220,5 @@ class FacadeContender(Contender):
 
 
 CONTENDERS: dict[str, type[Contender]] = {
-    kind.key: kind for kind in (AsyncSinkContender, SequenceSinkContender, FacadeContender)
+    kind.key: kind for kind in (AsyncSinkContender, SequenceSinkContender, WriterContender, FacadeContender)
 }

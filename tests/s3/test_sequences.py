@@ -237,3 +237,23 @@ def test_backfill_format_choices_are_the_sinks() -> None:
     assert tuple(action.choices) == OUTPUT_FORMATS
     with pytest.raises(SystemExit):
         main(["backfill", ".", "--bucket", "b", "--prefix", "p", "--format", "csv"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("settings", [SEQ, MULTIPART_SEQ], ids=["single", "multipart"])
+async def test_the_open_writer_writes_a_sequence_of_its_batches(
+    bucket: str, s3: Any, read_object: Callable[[str], bytes], settings: SinkSettings
+) -> None:
+    async with AsyncS3Sink(bucket, "out", settings=settings) as sink, sink.open("scene") as writer:
+        for start in range(0, len(FEATURES), 70):
+            await writer.add(FEATURES[start : start + 70])
+    assert writer.result is not None and writer.result.key == "out/scene.geojsonl"
+    assert_one_feature_a_line(read_object("out/scene.geojsonl"), FEATURES)
+    assert s3.head_object(Bucket=bucket, Key="out/scene.geojsonl")["ContentType"] == "application/geo+json-seq"
+
+
+def test_the_sync_open_writer_writes_a_sequence(bucket: str, read_object: Callable[[str], bytes]) -> None:
+    with S3Sink(bucket, "out", settings=SEQ).open("scene") as writer:
+        writer.add(FEATURES[:100])
+        writer.add(iter(FEATURES[100:]))
+    assert_one_feature_a_line(read_object("out/scene.geojsonl"), FEATURES)
