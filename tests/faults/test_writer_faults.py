@@ -3,7 +3,6 @@ leaves no multipart upload; a network failing now and then still stores every ba
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -11,6 +10,7 @@ import orjson
 import pytest
 from botocore.exceptions import ClientError
 from support.proxy import FaultProxy, Rule
+from support.threads import run_on_threads
 
 from model_runner.sink import AsyncS3Sink, ClientSettings, S3Sink, SinkError, SinkSettings
 from model_runner.sink.settings import MiB
@@ -77,11 +77,7 @@ def test_the_sync_writer_stores_every_batch_whole_through_retried_requests(
             writer.add(batch(number, 2_000), timeout=120)
 
     with sink.open("scene") as writer:
-        threads = [threading.Thread(target=model, args=(thread,)) for thread in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_on_threads(model, 4)
     assert writer.result is not None and writer.result.parts >= 2  # 16 batches of about 0.65 MB
     features = orjson.loads(s3.get_object(Bucket=bucket, Key="flaky/scene.geojson")["Body"].read())["features"]
     numbers = [feature["properties"]["b"][0] for feature in features[::2_000]]

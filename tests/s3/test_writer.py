@@ -4,7 +4,6 @@ object stored when the block ends, or nothing at all."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,6 +12,7 @@ import anyio
 import anyio.lowlevel
 import orjson
 import pytest
+from support.threads import run_on_threads
 
 from model_runner.sink import AsyncS3Sink, ClientSettings, FeatureEncodingError, ObjectExistsError, S3Sink, SinkSettings
 from model_runner.sink.clients import shared_client
@@ -269,11 +269,7 @@ def test_the_sync_writer_takes_batches_from_4_threads(bucket: str, read_object: 
             writer.add(features if number % 2 else (feature for feature in features), timeout=60)
 
     with sink.open("scene") as writer:
-        threads = [threading.Thread(target=model, args=(thread,)) for thread in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_on_threads(model, 4)
     assert writer.result is not None and writer.result.features == 4 * 20 * 25
     found = batches_of(read_object("threads/scene.geojson"))
     assert sorted(found) == sorted((f"thread-{thread}", number) for thread in range(4) for number in range(20))
