@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 import re
 import time
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import aclosing
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -21,6 +21,7 @@ from model_runner.sink.encoding import (
     Features,
     FeatureSource,
     OutputFormat,
+    check_features,
     check_members,
     encode_collection,
 )
@@ -83,24 +84,16 @@ def _utf8_length(text: str, what: str) -> int:
 def _split_collection(source: FeatureSource) -> tuple[Features, dict[str, Any]]:
     """A collection's features and its other members; features alone have none."""
     if not isinstance(source, Mapping):
-        _check_features(source)
+        check_features(source)
         return source, {}
     kind = source.get("type")
     if not (isinstance(kind, str) and kind == "FeatureCollection"):
-        _check_features(source)  # refuses any other mapping, with its hint
+        check_features(source)  # refuses any other mapping, with its hint
     if "features" not in source:
         raise TypeError('a FeatureCollection holds its features in "features", and this one has none')
     features = source["features"]
-    _check_features(features)
+    check_features(features)
     return features, {name: value for name, value in source.items() if name not in ("type", "features")}
-
-
-def _check_features(features: object) -> None:
-    if isinstance(features, (str, bytes, bytearray, Mapping)) or not isinstance(features, (Iterable, AsyncIterable)):
-        hint = " (pass collection['features'])" if isinstance(features, Mapping) else ""
-        raise TypeError(
-            f"features must be an iterable or async iterable of GeoJSON features, not {type(features).__name__}{hint}"
-        )
 
 
 def _check_session(session: object) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "FeatureSource",
     "Features",
     "OutputFormat",
+    "check_features",
     "check_members",
     "encode_collection",
 ]
@@ -214,6 +215,21 @@ def _framing(output_format: OutputFormat) -> _Framing:
         accepted = ", ".join(map(repr, OUTPUT_FORMATS))
         raise ValueError(f"output_format must be one of {accepted}, not {reprlib.repr(output_format)}")
     return framing
+
+
+def check_features(features: object, what: str = "features") -> None:
+    """
+    Refuse what is not a collection of features, before any request.
+
+    :param features: What a caller passed as features.
+    :param what: How the error names it: ``features``, or ``a batch`` for a writer's ``add``.
+    :raises TypeError: If it is a string, bytes, a mapping or not iterable; a mapping gets a hint.
+    """
+    if isinstance(features, (str, bytes, bytearray, Mapping)) or not isinstance(features, (Iterable, AsyncIterable)):
+        hint = " (pass collection['features'])" if isinstance(features, Mapping) else ""
+        raise TypeError(
+            f"{what} must be an iterable or async iterable of GeoJSON features, not {type(features).__name__}{hint}"
+        )
 
 
 def check_members(members: Mapping[str, Any] | None, output_format: OutputFormat) -> None:

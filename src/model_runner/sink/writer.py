@@ -11,7 +11,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from model_runner.sink.encoding import Feature
+from model_runner.sink.encoding import Feature, check_features
 from model_runner.sink.exceptions import SinkError
 from model_runner.sink.loop_thread import Call, checked_timeout, pulled_by_caller, shared_loop
 from model_runner.sink.results import WriteResult
@@ -27,14 +27,6 @@ __all__ = ["AsyncSinkWriter", "SinkWriter"]
 BUFFERED_BATCHES = 4
 
 _Batch: TypeAlias = "list[Feature] | tuple[Feature, ...]"
-
-
-def _check_batch(features: object) -> None:
-    if isinstance(features, (str, bytes, bytearray, Mapping)) or not isinstance(features, (Iterable, AsyncIterable)):
-        hint = " (pass collection['features'])" if isinstance(features, Mapping) else ""
-        raise TypeError(
-            f"a batch must be an iterable or async iterable of GeoJSON features, not {type(features).__name__}{hint}"
-        )
 
 
 async def _gathered(features: Iterable[Feature] | AsyncIterable[Feature]) -> _Batch:
@@ -125,7 +117,7 @@ class AsyncSinkWriter:
         :raises SinkError: If an earlier add was cancelled while handing its batch over; the writer stores nothing.
         :raises RuntimeError: If the writer is not open: before its block, or after it ended.
         """
-        _check_batch(features)
+        check_features(features, "a batch")
         turn, send = self._turn, self._send
         if turn is None or send is None:
             raise RuntimeError(f"{self!r} is not open: add features inside its async with block")
