@@ -11,7 +11,7 @@ from support.proxy import FaultProxy, Rule
 
 from model_runner.cli.synthetic import synthetic_detections
 from model_runner.sink import AsyncS3Sink, ClientSettings
-from model_runner.sink.pacing import PUT_SLOTS
+from model_runner.sink.clients import PUT_SLOTS
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

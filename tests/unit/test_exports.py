@@ -23,7 +23,6 @@ INTERNAL_MODULES = {
     "encoding",
     "endpoints",
     "loop_thread",
-    "pacing",
     "responses",
     "upload",
 }

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
-from model_runner.sink.pacing import put_slots
 from model_runner.sink.responses import retry_attempts
 from model_runner.sink.upload.conditional import SentObject, StoreTarget, condition, store_conditionally
 from model_runner.sink.upload.outcome import UploadEvents, UploadOutcome, tell_retries, verify_checksum
@@ -86,7 +85,7 @@ async def _send(shared: SharedClient, arguments: dict[str, Any], sealed: SealedB
     # From the start of the body: a conflict sends it again.
     sealed.body.seek(0)
     settle = partial(_settle_cancelled_put, arguments["Bucket"], arguments["Key"])
-    async with put_slots(shared.client):
+    async with shared.put_slots:
         return await finish_or_settle(shared.client.put_object(Body=sealed.body, **arguments), settle)
 
 
