@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_runner.sink.settings import MAX_PART_SIZE, MIN_PART_SIZE, MiB, SinkSettings
-from model_runner.sink.upload.parts import MAX_PARTS, ObjectCrc, PartPlan, SealedBody, part_size_for
+from model_runner.sink.upload.parts import MAX_PARTS, ObjectCrc, PartPlan, SealedBody, crc32_combine, part_size_for
 from model_runner.sink.upload.stream import single_error
 
 if sys.version_info < (3, 11):
@@ -123,3 +123,9 @@ def test_parts_failing_together_raise_the_first_error_itself() -> None:
     assert single_error(BaseExceptionGroup("parts", [second, first])) is second
     only_cancelled = BaseExceptionGroup("parts", [KeyboardInterrupt()])
     assert isinstance(single_error(only_cancelled), KeyboardInterrupt)
+
+
+@given(first=st.binary(max_size=300), second=st.binary(max_size=300), repeat=st.integers(0, 5000))
+def test_crc32_combine_gives_the_crc32_of_both_strings_end_to_end(first: bytes, second: bytes, repeat: int) -> None:
+    second = second * repeat if second else bytes(repeat)  # lengths up to about 1.5 MB
+    assert crc32_combine(zlib.crc32(first), zlib.crc32(second), len(second)) == zlib.crc32(first + second)

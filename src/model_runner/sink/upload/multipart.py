@@ -122,9 +122,8 @@ class MultipartUpload:
 
     async def send_part(self, number: int, pieces: list[memoryview]) -> None:
         """
-        Seal one part in a worker thread and send it with its CRC32. Parts are sealed in order, each folded into
-        the object's CRC32 (:class:`~model_runner.sink.upload.parts.ObjectCrc`): send parts numbered from 1, without
-        a gap; they may be sent concurrently.
+        Seal one part in a worker thread and send it with its CRC32, which the object's CRC32 combines
+        (:class:`~model_runner.sink.upload.parts.ObjectCrc`): parts may be sent concurrently and in any order.
 
         :param number: The part number, from 1.
         :param pieces: The part's bytes; emptied once copied into the request body.
