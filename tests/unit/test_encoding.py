@@ -51,14 +51,48 @@ FEATURES = list(synthetic_detections(500, seed=3))
 EXPECTED = orjson.dumps({"type": "FeatureCollection", "features": FEATURES})
 
 
+@pytest.mark.parametrize("trip", [1, 4])
 @pytest.mark.parametrize("batch", [1, 2, 7, 256, 5000])
 @pytest.mark.parametrize("kind", ["list", "generator", "async"])
-async def test_any_batching_of_any_source_gives_the_same_bytes(batch: int, kind: str) -> None:
+async def test_any_batching_of_any_source_gives_the_same_bytes(batch: int, kind: str, trip: int) -> None:
     source = {"list": FEATURES, "generator": iter(FEATURES), "async": agen(FEATURES)}[kind]
-    body, sizes, stats = await encode(source, batch_features=batch)
+    body, sizes, stats = await encode(source, batch_features=batch, batches_per_trip=trip)
     assert body == EXPECTED
     assert stats.features == 500
     assert stats.bytes == len(body) == sum(sizes)
+
+
+class CountingLimiter:
+    """A capacity limiter that counts the trips to a worker thread made through it."""
+
+    def __init__(self) -> None:
+        self.limiter = anyio.CapacityLimiter(1)
+        self.trips = 0
+
+    async def __aenter__(self) -> None:
+        self.trips += 1
+        await self.limiter.__aenter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.limiter.__aexit__(*exc_info)
+
+
+@pytest.mark.parametrize("trip", [1, 4])
+async def test_a_trip_to_a_worker_thread_encodes_up_to_batches_per_trip_batches(trip: int) -> None:
+    counter = CountingLimiter()
+    # A tiny target time shrinks every batch after the first to one feature: 40 batches of 1.
+    limiter: Any = counter
+    body, _, _ = await encode(
+        FEATURES[:40], batch_features=1, call_seconds=1e-9, limiter=limiter, batches_per_trip=trip
+    )
+    assert body == orjson.dumps({"type": "FeatureCollection", "features": FEATURES[:40]})
+    # One more trip finds the iterator exhausted after a last full batch.
+    assert counter.trips == 40 // trip + 1
+
+
+async def test_batches_per_trip_under_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="batches_per_trip"):
+        await encode(FEATURES, batches_per_trip=0)
 
 
 async def test_empty_collection_is_exactly_head_and_tail() -> None:
@@ -114,13 +148,14 @@ async def test_non_string_keys_are_written_as_strings() -> None:
     assert orjson.loads(body)["features"][0]["properties"] == {"1": "a", "2.5": "b"}
 
 
+@pytest.mark.parametrize("trip", [1, 4])
 @pytest.mark.parametrize("kind", ["list", "generator", "async"])
-async def test_unserialisable_value_names_the_feature_index(kind: str) -> None:
+async def test_unserialisable_value_names_the_feature_index(kind: str, trip: int) -> None:
     features: list[Any] = list(FEATURES[:300])
     features[217] = {"type": "Feature", "properties": {"bad": object()}, "geometry": None}
     source = {"list": features, "generator": iter(features), "async": agen(features)}[kind]
     with pytest.raises(FeatureEncodingError) as raised:
-        await encode(source, batch_features=16)
+        await encode(source, batch_features=16, batches_per_trip=trip)
     assert raised.value.index == 217
     assert isinstance(raised.value, TypeError)
     assert "feature 217" in str(raised.value) and "object" in str(raised.value)

@@ -142,6 +142,11 @@ class AsyncS3Sink(AsyncSink):
     :raises TypeError: If a deprecated keyword is also given in ``client``, or a keyword is unknown.
     """
 
+    # Feature batches encoded per trip to a worker thread. The caller's loop runs the write and takes the GIL back at
+    # the end of each trip; longer trips kept it waiting longer (100k features, median worst stall of 10 writes:
+    # 8.4 ms with one batch a trip, 11.5 ms with trips of ~1 MB, 19.2 ms with trips of ~4 MB).
+    _batches_per_trip = 1
+
     def __init__(
         self,
         bucket: str,
@@ -337,6 +342,7 @@ class AsyncS3Sink(AsyncSink):
                 stats=watch.stats,
                 members=members,
                 output_format=self.settings.output_format,
+                batches_per_trip=self._batches_per_trip,
             )
             async with aclosing(chunks):
                 outcome = await upload_object(
