@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--rows", default="", help=f"comma-separated rows: {', '.join(row.key for row in ROWS)}")
     add("--baseline", default=None, help="another checkout's src folder: the rows measured on it too")
     add("--diagnose", action="store_true", help="run the stall diagnoser on extra (table) or last (rows) runs")
+    add("--server-core", action="store_true", help="pin the S3 server to a core of its own (a diagnosis)")
     add("--json", type=Path, default=None, help="where the results go (default: results/latest.json)")
     add("--out", type=Path, default=RESULTS, help="--peers: where report.json and report.png go")
     return parser
@@ -209,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     needed = [w.total_features if not w.streamed else min(POOL_FEATURES, w.features) for w in chosen]
     met, document = True, {}
-    with Harness(max([*needed, *(case.writes * case.features for case in CASES.values())])) as harness:
+    features = max([*needed, *(case.writes * case.features for case in CASES.values())])
+    with Harness(features, server_core=arguments.server_core) as harness:
         print(f"\nmodel-runner-sink benchmarks: {os.cpu_count()} cores, Python {platform.python_version()}")
+        print(harness.placement)
         if arguments.peers:
             document = _peers(harness, arguments, chosen)
         else:
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "placement": harness.placement,
         "revision": revision(),
         "versions": versions(PACKAGES),
         "arguments": {key: str(value) for key, value in vars(arguments).items()},

@@ -86,11 +86,15 @@ class Harness:
 
     :param features: Distinct features the data set holds.
     :param timeout: Seconds a measurement may take, its setup included.
+    :param server_core: Pin the S3 server to one core and the measured processes to the others, as a remote S3
+        would leave them: a diagnosis of how much of a stall is the server taking the measured process's core.
     """
 
-    def __init__(self, features: int, timeout: float = 600.0) -> None:
+    def __init__(self, features: int, timeout: float = 600.0, *, server_core: bool = False) -> None:
         self.features = features
         self.timeout = timeout
+        self.server_core = server_core
+        self.placement = "the S3 server shares every core with the measured processes"
         self._stack = ExitStack()
 
     def __enter__(self) -> Harness:
@@ -101,6 +105,8 @@ class Harness:
         self.client: Any = boto3.client("s3")
         self.client.create_bucket(Bucket=BUCKET)
         self.server_pid = _server_pid(server)
+        if self.server_core:
+            self._pin_server()
         self.dataset = Path(directory) / "features.json"
         log(f"making {self.features:,} synthetic features; S3 server at {server.endpoint_url}")
         make_dataset(self.dataset, self.features)
@@ -110,6 +116,16 @@ class Harness:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._stack.close()
+
+    def _pin_server(self) -> None:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2 or self.server_pid is None:
+            raise RuntimeError("--server-core needs two cores and the server's process")
+        # The server's request threads are started by its main thread and inherit its core; the measured
+        # processes inherit this process's cores.
+        os.sched_setaffinity(self.server_pid, cores[-1:])
+        os.sched_setaffinity(0, cores[:-1])
+        self.placement = f"the S3 server pinned to core {cores[-1]}, the measured processes to cores {cores[:-1]}"
 
     def measure(
         self, kind: str, workload: Workload, contender: str, *, diagnose: bool = False, source: str | None = None
