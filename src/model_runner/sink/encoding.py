@@ -595,8 +595,8 @@ async def encode_collection(
     :param members: A collection's members but ``type`` and ``features`` (``bbox``...), written before the features.
     :param output_format: ``"geojson"``, a FeatureCollection; ``"geojsonseq"``, one feature a line, each line
         ended by a newline (no feature: no byte).
-    :param batches_per_trip: Batches of an iterable encoded per trip to a worker thread, releasing the GIL between
-        two: one suits the caller's own loop, more a private loop (fewer hand-overs keep a third thread waiting less).
+    :param batches_per_trip: Batches of an iterable encoded per trip to a worker thread, the GIL released between
+        two: one for the caller's own loop, more for a private loop (a third thread waits through fewer hand-overs).
     :return: An async iterator of chunks of bytes.
     :raises FeatureEncodingError: If a feature is not a mapping whose ``type`` is ``"Feature"``, holds a value JSON
         cannot represent (an integer past 64 bits...), NaN or an infinity in its geometry's coordinates, or two keys
