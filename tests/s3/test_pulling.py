@@ -50,6 +50,54 @@ def test_a_source_tied_to_the_calling_thread_is_pulled_there(
     assert (result.features, result.parts) == (count, parts)
 
 
+class TracedGeometry:
+    """A geometry given through ``__geo_interface__``, as shapely's are: it notes the threads that encode it."""
+
+    def __init__(self, encoded_on: set[int]) -> None:
+        self.encoded_on = encoded_on
+
+    @property
+    def __geo_interface__(self) -> dict[str, Any]:
+        self.encoded_on.add(threading.get_ident())
+        return {"type": "Point", "coordinates": [1.5, 2.5]}
+
+
+def traced_features(count: int, encoded_on: set[int]) -> Iterator[dict[str, Any]]:
+    for number in range(count):
+        yield {"type": "Feature", "geometry": TracedGeometry(encoded_on), "properties": {"n": number}}
+
+
+def expected_traced(count: int) -> bytes:
+    point = {"type": "Point", "coordinates": [1.5, 2.5]}
+    return collection([{"type": "Feature", "geometry": point, "properties": {"n": n}} for n in range(count)])
+
+
+@pytest.mark.parametrize(
+    ("count", "settings"),
+    [pytest.param(50, SinkSettings(), id="single-put"), pytest.param(60_000, SMALL_PARTS, id="multipart")],
+)
+def test_s3sink_encodes_an_iterable_on_the_calling_thread(
+    bucket: str, read_object: Callable[[str], bytes], count: int, settings: SinkSettings
+) -> None:
+    # Encoded where it was pulled, a feature is freed young: it does not reach the garbage collector's oldest
+    # generation, whose full collections would stall every thread of the process.
+    encoded_on: set[int] = set()
+    assert S3Sink(bucket, "traced", settings=settings).write("scene", traced_features(count, encoded_on))
+    assert encoded_on == {threading.get_ident()}
+    assert read_object("traced/scene.geojson") == expected_traced(count)
+
+
+@pytest.mark.anyio
+async def test_async_sink_encodes_an_iterable_in_a_worker_thread(
+    bucket: str, read_object: Callable[[str], bytes]
+) -> None:
+    encoded_on: set[int] = set()
+    assert await AsyncS3Sink(bucket, "traced").write("scene", traced_features(50, encoded_on))
+    assert len(encoded_on) == 1
+    assert threading.get_ident() not in encoded_on
+    assert read_object("traced/scene.geojson") == expected_traced(50)
+
+
 def test_a_large_source_is_pulled_as_the_upload_takes_it(bucket: str, s3: Any) -> None:
     features = list(synthetic_detections(25_000, seed=9))
     total = len(features) * 4

@@ -13,6 +13,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -20,6 +21,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
 from itertools import chain, islice, repeat
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
@@ -44,6 +46,7 @@ __all__ = [
     "FeatureSource",
     "Features",
     "OutputFormat",
+    "ThreadBoundFeatures",
     "check_features",
     "check_members",
     "encode_collection",
@@ -71,6 +74,29 @@ SUFFIXES: Mapping[OutputFormat, str] = {"geojson": ".geojson", "geojsonseq": ".g
 
 COLLECTION_HEAD = b'{"type":"FeatureCollection","features":['
 COLLECTION_TAIL = b"]}"
+
+
+class ThreadBoundFeatures(Iterable[Any]):
+    """
+    Features from an iterable that one thread alone may pull (an sqlite3 cursor, a thread-local session): the
+    encoder runs each of its trips, which pull and encode a few batches, through ``run_sync`` on that thread,
+    instead of in a worker thread.
+
+    Pulled and encoded in the same call, most features are freed before the garbage collector promotes them to
+    its oldest generation, whose full collections walk every object in the process.
+    """
+
+    def __init__(self, features: Iterable[Any], run_sync: Callable[..., Awaitable[Any]]) -> None:
+        """
+        :param features: The features.
+        :param run_sync: Runs ``function(*args)`` on the thread and returns its result, e.g. ``run_sync(f, x)``.
+        """
+        self.iterator = iter(features)
+        self.run_sync = run_sync
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iterator
+
 
 # NaN and infinities become null, as orjson always does (refused in coordinates); numpy values are written natively.
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -557,11 +583,14 @@ async def _encoded_batches(
             index += len(batch)
             batch_size = _next_batch_size(batch_size, seconds, target_seconds)
         return
-    sync_iterator = iter(features)
+    if isinstance(features, ThreadBoundFeatures):
+        sync_iterator, run_sync = features.iterator, features.run_sync
+    else:
+        sync_iterator, run_sync = iter(features), partial(anyio.to_thread.run_sync, limiter=limiter)
     exhausted = False
     while not exhausted:
-        encoded, batch_size, exhausted = await anyio.to_thread.run_sync(
-            _encode_trip, sync_iterator, batch_size, index, framing, target_seconds, batches_per_trip, limiter=limiter
+        encoded, batch_size, exhausted = await run_sync(
+            _encode_trip, sync_iterator, batch_size, index, framing, target_seconds, batches_per_trip
         )
         for data, count, seconds in encoded:
             yield data, count, seconds
@@ -582,10 +611,10 @@ async def encode_collection(
     """
     Encode features as one compact UTF-8 GeoJSON FeatureCollection, or a GeoJSON text sequence, chunk by chunk.
 
-    Features are pulled and serialised with orjson in worker threads, a batch at a time, each batch sized so that
-    one orjson call lasts about ``call_seconds``: orjson holds the GIL for a whole call, so this bounds how long
-    the event loop waits. The chunks, joined, are the object's bytes. NaN and infinities outside coordinates
-    are written as ``null``, a ``Decimal`` with all its digits.
+    Features are pulled and serialised with orjson in worker threads (:class:`ThreadBoundFeatures` on their own), in
+    batches sized so that one orjson call lasts about ``call_seconds``: orjson holds the GIL for a whole call, so
+    this bounds how long the event loop waits. The chunks, joined, are the object's bytes. NaN and infinities
+    outside coordinates are written as ``null``, a ``Decimal`` with all its digits.
 
     :param features: GeoJSON features (mappings, e.g. ``geojson.Feature``), from an iterable or async iterable.
     :param batch_features: Features in the first batch.

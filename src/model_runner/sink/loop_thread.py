@@ -1,6 +1,6 @@
 """The private event loop every :class:`~model_runner.sink.s3_sink.S3Sink` of a process runs its calls on: one
-daemon thread with an anyio ``BlockingPortal``, calls its callers can cancel, and features pulled on the caller's
-thread.
+daemon thread with an anyio ``BlockingPortal``, calls its callers can cancel, and features pulled and encoded on
+the caller's thread.
 """
 
 from __future__ import annotations
@@ -9,29 +9,25 @@ import asyncio
 import atexit
 import contextlib
 import os
+import queue
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_futures
 from functools import partial
-from itertools import islice
 from typing import Any, TypeAlias, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from model_runner.sink.encoding import FeatureSource
+from model_runner.sink.encoding import FeatureSource, ThreadBoundFeatures
 from model_runner.sink.exceptions import SinkError
 from model_runner.sink.logs import logger
 
 __all__ = ["Call", "LoopThread", "call_fed", "checked_timeout", "pulled_by_caller", "shared_loop"]
 
 T = TypeVar("T")
-
-# Features pulled on the caller's thread travel to the write a batch at a time; a failure to pull travels instead.
-_Batch: TypeAlias = "list[Any] | Exception"
 
 # A blocked caller wakes this often, so that Ctrl-C reaches it on every platform (Windows does not interrupt a
 # blocking wait) and its deadline is checked.
@@ -94,6 +90,18 @@ class Call:
     def expired(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
+    def wait_slice(self) -> float:
+        """
+        :return: How long a blocked caller may wait before it looks again at Ctrl-C and the deadline.
+        :raises TimeoutError: If the deadline has passed.
+        """
+        if self._deadline is None:
+            return _WAIT_SLICE_SECONDS
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise self.timed_out()
+        return min(_WAIT_SLICE_SECONDS, remaining)
+
     def wait(self, *futures: Future[Any]) -> None:
         """
         Wait until one of the futures is done.
@@ -101,13 +109,7 @@ class Call:
         :raises TimeoutError: If the call's deadline passes first.
         """
         while not any(future.done() for future in futures):
-            slice_seconds = _WAIT_SLICE_SECONDS
-            if self._deadline is not None:
-                remaining = self._deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self.timed_out()
-                slice_seconds = min(slice_seconds, remaining)
-            wait_for_futures(futures, slice_seconds, return_when=FIRST_COMPLETED)
+            wait_for_futures(futures, self.wait_slice(), return_when=FIRST_COMPLETED)
 
     def join(self, first: Callable[[], object] | None = None) -> Any:
         """
@@ -221,43 +223,8 @@ def pulled_by_caller(features: object) -> bool:
     )
 
 
-def _pull(iterator: Iterator[Any], count: int, call: Call) -> tuple[_Batch, bool]:
-    """
-    Pull the next batch of features on this thread.
-
-    :return: The batch, or the error the iterator raised; whether the iterator is exhausted.
-    """
-    batch: list[Any] = []
-    try:
-        if not call.has_deadline:
-            batch.extend(islice(iterator, count))
-            return batch, len(batch) < count
-        # With a deadline, it is checked between features: a slow source must not hold the caller past it.
-        for feature in iterator:
-            batch.append(feature)
-            if len(batch) >= count or call.expired():
-                return batch, False
-    except Exception as error:
-        return error, True
-    return batch, True
-
-
-async def _unbatched(batches: MemoryObjectReceiveStream[_Batch]) -> AsyncIterator[Any]:
-    async for batch in batches:
-        if isinstance(batch, Exception):
-            raise batch
-        for feature in batch:
-            yield feature
-
-
-async def _write_fed(
-    write: Callable[[FeatureSource], Awaitable[T]],
-    send: MemoryObjectSendStream[_Batch],
-    receive: MemoryObjectReceiveStream[_Batch],
-) -> T:
-    # Closing both ends when the write ends wakes a caller handing over a batch, whatever the write's outcome.
-    with send, receive:
-        return await write(_unbatched(receive))
+# A function the write asks the caller's thread to run, its arguments, and the future of its result.
+_Trip: TypeAlias = "tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]"
 
 
 def call_fed(
@@ -266,48 +233,65 @@ def call_fed(
     timeout: float | None,
     write: Callable[[FeatureSource], Awaitable[T]],
     features: Iterable[Any],
-    batch_features: int,
 ) -> T:
     """
-    Run a write on the loop with its features pulled on this thread, which would only wait otherwise, and handed
-    over a batch at a time as the write takes them: memory stays bounded, and a source tied to this thread (an
-    sqlite3 cursor, a thread-local session) works.
+    Run a write on the loop with its features pulled and encoded on this thread, which would only wait otherwise:
+    the write sends each of its encoder's trips here, so memory stays bounded, a source tied to this thread (an
+    sqlite3 cursor, a thread-local session) works, and features are freed where they were made.
 
     :return: What the write returned.
     :raises TimeoutError: If it did not finish within ``timeout`` seconds.
     """
     loop_thread.check_caller()
-    iterator = iter(features)
-    send, receive = anyio.create_memory_object_stream[_Batch](1)
-    call = loop_thread.start(what, timeout, _write_fed, write, send, receive)
-    result: T = call.join(partial(_feed, loop_thread, call, iterator, send, batch_features))
+    trips: queue.SimpleQueue[_Trip | None] = queue.SimpleQueue()
+    if timeout is not None:
+        # Checked between features: a slow source must not hold the caller past its deadline. Pulled only by
+        # _serve below, once `call` is set.
+        features = _until_expired(features, lambda: call.expired())
+    call = loop_thread.start(what, timeout, write, ThreadBoundFeatures(features, partial(_run_on_caller, trips)))
+    # Wakes this thread once the write has ended, whatever its outcome.
+    call.future.add_done_callback(lambda _: trips.put(None))
+    result: T = call.join(partial(_serve, call, trips))
     return result
 
 
-def _feed(
-    loop_thread: LoopThread, call: Call, iterator: Iterator[Any], send: MemoryObjectSendStream[_Batch], count: int
-) -> None:
+async def _run_on_caller(trips: queue.SimpleQueue[_Trip | None], function: Callable[..., T], *args: Any) -> T:
+    # Awaited as a worker thread's result would be; a cancelled write stops waiting for it.
+    future: Future[T] = Future()
+    trips.put((function, args, future))
+    return await asyncio.wrap_future(future)
+
+
+def _serve(call: Call, trips: queue.SimpleQueue[_Trip | None]) -> None:
+    """
+    Run the write's trips on this thread until it has ended.
+
+    :raises TimeoutError: If the call's deadline passes first.
+    """
     while True:
-        batch, exhausted = _pull(iterator, count, call)
+        try:
+            trip = trips.get(timeout=call.wait_slice())
+        except queue.Empty:
+            continue
+        if trip is None:
+            return
+        function, args, future = trip
+        if not future.set_running_or_notify_cancel():
+            continue  # the write stopped waiting for it
+        try:
+            future.set_result(function(*args))
+        except Exception as error:
+            future.set_exception(error)
         if call.expired():
             raise call.timed_out()
-        if (isinstance(batch, Exception) or batch) and not _hand_over(loop_thread, call, send.send, batch):
-            return
-        if exhausted:
-            _hand_over(loop_thread, call, send.aclose)
-            return
 
 
-def _hand_over(loop_thread: LoopThread, call: Call, step: Callable[..., Awaitable[None]], *args: Any) -> bool:
-    """
-    Run a step of the hand-over on the loop, and wait until it is done or the write has ended.
-
-    :return: Whether the write goes on.
-    """
-    handed = loop_thread.spawn(step, *args)
-    call.wait(handed, call.future)
-    # A step fails only because the write has ended and closed the stream: its own outcome tells why.
-    return not call.future.done() and not handed.cancelled() and handed.exception() is None
+def _until_expired(features: Iterable[Any], expired: Callable[[], bool]) -> Iterator[Any]:
+    for feature in features:
+        yield feature
+        if expired():
+            # Raised into the write's encoder, which then stores nothing, however far the source had got.
+            raise TimeoutError("the write's deadline passed while its features were pulled")
 
 
 def checked_timeout(timeout: float | None) -> float | None:

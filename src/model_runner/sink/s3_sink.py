@@ -185,8 +185,9 @@ class S3Sink(Sink):
         Write aggregated GeoJSON feature collection to the S3 bucket.
 
         The features are streamed to the object derived from ``image_id``; the object appears whole or not at all.
-        A plain iterable (a generator, a database cursor) is pulled on the calling thread, a batch at a time as the
-        upload takes them, so a source tied to its thread works; lists and tuples are taken as they are.
+        A plain iterable (a generator, a database cursor) is pulled and encoded on the calling thread, a few batches
+        at a time as the upload takes them, so a source tied to its thread works; lists and tuples are taken as
+        they are.
 
         The write is cancelled if it runs out of ``timeout``, or if the wait is interrupted (Ctrl-C): the call then
         waits, up to 60 s, for the write to abort its upload (a second Ctrl-C stops waiting), and raises. A write
@@ -312,6 +313,5 @@ class S3Sink(Sink):
         write = partial(method, image_id, metadata=metadata, on_progress=on_progress)
         loop_thread = shared_loop()
         if pulled_by_caller(features):
-            batch_features = self.settings.encode_batch_features
-            return call_fed(loop_thread, what, checked_timeout(timeout), write, features, batch_features)
+            return call_fed(loop_thread, what, checked_timeout(timeout), write, features)
         return loop_thread.call(what, checked_timeout(timeout), write, features)
