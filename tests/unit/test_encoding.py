@@ -6,7 +6,8 @@ import datetime
 import functools
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -88,6 +89,28 @@ async def test_a_trip_to_a_worker_thread_encodes_up_to_batches_per_trip_batches(
     assert body == orjson.dumps({"type": "FeatureCollection", "features": FEATURES[:40]})
     # One more trip finds the iterator exhausted after a last full batch.
     assert counter.trips == 40 // trip + 1
+
+
+@pytest.mark.parametrize("trip", [1, 4])
+async def test_a_slow_source_gets_batches_sized_on_its_pulling_too(trip: int) -> None:
+    # A generator's own work holds the GIL as orjson does: pulling one feature here takes longer than a batch's
+    # whole target, so every batch after the first holds one feature, where orjson's time alone would double it.
+    def slow() -> Iterator[Any]:
+        for feature in FEATURES[:30]:
+            time.sleep(0.002)
+            yield feature
+
+    stats = EncodingStats(marks=[])
+    chunks = [
+        bytes(chunk)
+        async for chunk in encode_collection(
+            slow(), batch_features=4, call_seconds=0.001, stats=stats, batches_per_trip=trip
+        )
+    ]
+    assert b"".join(chunks) == orjson.dumps({"type": "FeatureCollection", "features": FEATURES[:30]})
+    assert stats.marks is not None
+    ends = [features for _, features in stats.marks]
+    assert [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)] == [4] + [1] * 26
 
 
 async def test_batches_per_trip_under_one_is_refused() -> None:

@@ -136,8 +136,9 @@ class SinkSettings:
     :param multipart_threshold: A collection whose encoding reaches this many bytes is uploaded in parts.
     :param max_parts_in_flight: Parts of one write uploading at once.
     :param encode_batch_features: Features in the first batch given to orjson; later batches adapt.
-    :param encode_call_seconds: Target duration of one orjson call. orjson holds the GIL for a whole call, so
-        this bounds how long the event loop can wait on the encoder.
+    :param encode_call_seconds: Target duration of one batch's orjson call (with its pulling, for an iterable
+        pulled off the loop). orjson holds the GIL for a whole call, so this bounds how long the event loop can
+        wait on the encoder.
     :param acl: Canned ACL of written objects, or `None` for the bucket's default.
     :param content_type: Content type of written objects; `None` (the default) for the format's own,
         ``application/geo+json`` or ``application/geo+json-seq``.
