@@ -83,10 +83,6 @@ class Call:
                 logger.warning("%s was cancelled but had not ended after %.0f s", self._what, _CANCEL_WAIT_SECONDS)
                 return
 
-    @property
-    def has_deadline(self) -> bool:
-        return self._deadline is not None
-
     def expired(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
