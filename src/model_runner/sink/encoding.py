@@ -89,7 +89,8 @@ class ThreadBoundFeatures(Iterable[Any]):
     def __init__(self, features: Iterable[Any], run_sync: Callable[..., Awaitable[Any]]) -> None:
         """
         :param features: The features.
-        :param run_sync: Runs ``function(*args)`` on the thread and returns its result, e.g. ``run_sync(f, x)``.
+        :param run_sync: An async function that runs ``function(*args)`` on that thread and returns its result:
+            ``await run_sync(function, *args)``, as ``anyio.to_thread.run_sync`` is called.
         """
         self.iterator = iter(features)
         self.run_sync = run_sync
