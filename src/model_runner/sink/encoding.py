@@ -41,6 +41,8 @@ __all__ = [
     "OUTPUT_FORMATS",
     "SUFFIXES",
     "Collection",
+    "EncodedBatch",
+    "EncodedFeatures",
     "EncodingStats",
     "Feature",
     "FeatureSource",
@@ -49,6 +51,7 @@ __all__ = [
     "ThreadBoundFeatures",
     "check_features",
     "check_members",
+    "encode_batch",
     "encode_collection",
 ]
 
@@ -97,6 +100,29 @@ class ThreadBoundFeatures(Iterable[Any]):
 
     def __iter__(self) -> Iterator[Any]:
         return self.iterator
+
+
+EncodedBatch: TypeAlias = "tuple[memoryview, int, float]"
+"""One batch of features encoded: its bytes (without the separator before it), its features, its seconds in orjson."""
+
+
+class EncodedFeatures(AsyncIterable[Any]):
+    """
+    Features encoded before the write takes them, a group of batches at a time (a writer's adds, each encoded by
+    :func:`encode_batch` as it was added): the encoder passes their bytes on.
+
+    What waits for the upload is then bytes, which the garbage collector does not track, rather than features that
+    would wait long enough to reach its oldest generation.
+    """
+
+    def __init__(self, groups: AsyncIterable[list[EncodedBatch]]) -> None:
+        """
+        :param groups: The encoded batches, in order, a group at a time.
+        """
+        self.groups = groups
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        raise TypeError("encoded features are only for encode_collection")
 
 
 # NaN and infinities become null, as orjson always does (refused in coordinates); numpy values are written natively.
@@ -567,8 +593,13 @@ async def _encoded_batches(
     limiter: anyio.CapacityLimiter | None,
     framing: _Framing,
     batches_per_trip: int,
-) -> AsyncIterator[tuple[memoryview, int, float]]:
-    index = 0
+    index: int = 0,
+) -> AsyncIterator[EncodedBatch]:
+    if isinstance(features, EncodedFeatures):
+        async for group in features.groups:
+            for encoded_batch in group:
+                yield encoded_batch
+        return
     if isinstance(features, AsyncIterable):
         iterator = aiter(features)
         exhausted = False
@@ -591,7 +622,9 @@ async def _encoded_batches(
         sync_iterator, run_sync = features.iterator, features.run_sync
     else:
         sync_iterator, run_sync = iter(features), partial(anyio.to_thread.run_sync, limiter=limiter)
-    exhausted = False
+    # A sequence's end is known: no trip is spent finding it empty.
+    end = index + len(features) if isinstance(features, (list, tuple)) else None
+    exhausted = end == index
     while not exhausted:
         encoded, batch_size, exhausted = await run_sync(
             _encode_trip, sync_iterator, batch_size, index, framing, target_seconds, batches_per_trip
@@ -599,6 +632,31 @@ async def _encoded_batches(
         for data, count, seconds in encoded:
             yield data, count, seconds
             index += count
+        exhausted = exhausted or index == end
+
+
+async def encode_batch(
+    features: list[Any] | tuple[Any, ...],
+    first_index: int,
+    *,
+    output_format: OutputFormat = "geojson",
+    batch_features: int = 1000,
+    call_seconds: float = 0.001,
+) -> list[EncodedBatch]:
+    """
+    Encode a batch of features in worker threads, as :func:`encode_collection` would, for :class:`EncodedFeatures`.
+
+    :param features: The features.
+    :param first_index: The first one's index within the object, for errors.
+    :param output_format: The object's format.
+    :param batch_features: Features in the first orjson call; later ones adapt to ``call_seconds``.
+    :param call_seconds: Target duration of one orjson call.
+    :return: The encoded batches, in order.
+    :raises FeatureEncodingError: As :func:`encode_collection` does, naming the feature's index within the object.
+    """
+    framing = _framing(output_format)
+    batches = _encoded_batches(features, batch_features, call_seconds, None, framing, 1, first_index)
+    return [encoded_batch async for encoded_batch in batches]
 
 
 async def encode_collection(

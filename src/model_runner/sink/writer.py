@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -11,8 +11,8 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from model_runner.sink.encoding import Feature, check_features
-from model_runner.sink.exceptions import SinkError
+from model_runner.sink.encoding import EncodedBatch, EncodedFeatures, Feature, check_features, encode_batch
+from model_runner.sink.exceptions import FeatureEncodingError, SinkError
 from model_runner.sink.loop_thread import Call, checked_timeout, pulled_by_caller, shared_loop
 from model_runner.sink.results import WriteResult
 from model_runner.sink.upload.conditional import check_overwrite
@@ -22,11 +22,12 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncSinkWriter", "SinkWriter"]
 
-# Batches accepted but not yet taken by the encoder: enough that adders rarely wait on each other's hand-over, few
-# enough that what a writer holds stays a handful of batches besides the upload's own bounded bytes.
+# Batches accepted, encoded, but not yet taken by the upload: enough that adders rarely wait on each other's
+# hand-over, few enough that what a writer holds stays a handful of batches besides the upload's own bounded bytes.
 BUFFERED_BATCHES = 4
 
 _Batch: TypeAlias = "list[Feature] | tuple[Feature, ...]"
+_Encoded: TypeAlias = "list[EncodedBatch]"
 
 
 async def _gathered(features: Iterable[Feature] | AsyncIterable[Feature]) -> _Batch:
@@ -39,21 +40,15 @@ async def _gathered(features: Iterable[Feature] | AsyncIterable[Feature]) -> _Ba
     return await anyio.to_thread.run_sync(list, features)
 
 
-async def _features(batches: MemoryObjectReceiveStream[_Batch]) -> AsyncIterator[Feature]:
-    async for batch in batches:
-        for feature in batch:
-            yield feature
-
-
 class AsyncSinkWriter:
     """
     One object, written from features added a batch at a time while it is open.
 
-    Made by :meth:`AsyncS3Sink.open <model_runner.sink.async_s3_sink.AsyncS3Sink.open>`. A background task runs
-    the sink's own write over the batches as they are added: parts are uploaded as they fill, with the same bounded
-    memory, checksums and loop stalls as ``write``. The object is completed when the ``async with`` block ends
-    normally (:attr:`result` then tells what was stored); an exception or a cancellation inside the block aborts it
-    and stores nothing.
+    Made by :meth:`AsyncS3Sink.open <model_runner.sink.async_s3_sink.AsyncS3Sink.open>`. Each batch is encoded in
+    worker threads as it is added, and a background task runs the sink's own write over the encoded batches: parts
+    are uploaded as they fill, with the same bounded memory, checksums and loop stalls as ``write``. The object is
+    completed when the ``async with`` block ends normally (:attr:`result` then tells what was stored); an exception
+    or a cancellation inside the block aborts it and stores nothing.
     """
 
     def __init__(self, sink: AsyncS3Sink, image_id: str, metadata: Mapping[str, str] | None, overwrite: bool) -> None:
@@ -69,7 +64,8 @@ class AsyncSinkWriter:
         self._error: BaseException | None = None
         self._state = "new"
         self._task_group: TaskGroup | None = None
-        self._send: MemoryObjectSendStream[_Batch] | None = None
+        self._send: MemoryObjectSendStream[_Encoded] | None = None
+        self._added = 0
 
     def __repr__(self) -> str:
         return f"AsyncSinkWriter(bucket={self._sink.bucket!r}, key={self.key!r}, state={self._state!r})"
@@ -79,17 +75,17 @@ class AsyncSinkWriter:
             raise RuntimeError(f"{self!r} can be opened once only")
         # Made here, on the loop, for the synchronous twin builds its writer on its caller's thread.
         self._turn = anyio.Lock()
-        self._send, receive = anyio.create_memory_object_stream[_Batch](BUFFERED_BATCHES)
+        self._send, receive = anyio.create_memory_object_stream[_Encoded](BUFFERED_BATCHES)
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._run, receive)
         self._state = "open"
         return self
 
-    async def _run(self, receive: MemoryObjectReceiveStream[_Batch]) -> None:
+    async def _run(self, receive: MemoryObjectReceiveStream[_Encoded]) -> None:
         try:
             self.result = await self._sink.write_with_result(
-                self._image_id, _features(receive), metadata=self._metadata, overwrite=self._overwrite
+                self._image_id, EncodedFeatures(receive), metadata=self._metadata, overwrite=self._overwrite
             )
         except Exception as error:
             # Kept for the adders and the block's exit rather than raised: raised, it would cancel the caller's
@@ -102,8 +98,8 @@ class AsyncSinkWriter:
     async def add(self, features: Iterable[Feature] | AsyncIterable[Feature]) -> None:
         """
         Add a batch of features to the object. Batches land whole, in the order their ``add`` calls were made,
-        whichever tasks made them; the call returns once its batch is accepted, waiting while the writer's few
-        buffered batches are not yet taken by the upload.
+        whichever tasks made them; the call returns once its batch is encoded and accepted, waiting while the
+        writer's few buffered batches are not yet taken by the upload.
 
         :param features: A list or tuple (taken as it is: do not change it afterwards), any iterable (pulled in a
             worker thread) or an async iterable of GeoJSON features; an iterable or async iterable is gathered whole
@@ -111,8 +107,8 @@ class AsyncSinkWriter:
         :raises TypeError: If ``features`` is not an iterable or async iterable of features (the writer goes on).
             A call cancelled while its batch is handed over (the writer full) fails the writer, which then stores
             nothing: the batch may or may not have landed.
-        :raises FeatureEncodingError: If a feature added so far could not be encoded; it names the feature's index
-            within the object, and the writer stores nothing.
+        :raises FeatureEncodingError: If a feature of this batch or an earlier one could not be encoded; it names the
+            feature's index within the object, and the writer stores nothing.
         :raises ClientError: If S3 refused the upload; the writer stores nothing.
         :raises SinkError: If an earlier add was cancelled while handing its batch over; the writer stores nothing.
         :raises RuntimeError: If the writer is not open: before its block, or after it ended.
@@ -125,8 +121,9 @@ class AsyncSinkWriter:
             self._check_open()
             batch = await _gathered(features)
             self._check_open()
+            encoded = await self._encode(batch)
             try:
-                await send.send(batch)
+                await send.send(encoded)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._check_open()
                 raise RuntimeError(f"{self!r} has ended") from None
@@ -138,6 +135,24 @@ class AsyncSinkWriter:
                     " nothing is stored"
                 )
                 raise
+            self._added += len(batch)
+
+    async def _encode(self, batch: _Batch) -> _Encoded:
+        # Encoded as it is added, under the turn so that an error names the feature's index within the object: the
+        # writer then holds bytes, not features that would live long enough to reach the garbage collector's
+        # oldest generation (whose full collections stall every thread).
+        settings = self._sink.settings
+        try:
+            return await encode_batch(
+                batch,
+                self._added,
+                output_format=settings.output_format,
+                batch_features=settings.encode_batch_features,
+                call_seconds=settings.encode_call_seconds,
+            )
+        except FeatureEncodingError as error:
+            self._error = self._error or error
+            raise
 
     def _check_open(self) -> None:
         if self._error is not None:
@@ -166,7 +181,7 @@ class AsyncSinkWriter:
             raise self._error
         return False
 
-    async def _end(self, task_group: TaskGroup, send: MemoryObjectSendStream[_Batch], *, abort: bool) -> None:
+    async def _end(self, task_group: TaskGroup, send: MemoryObjectSendStream[_Encoded], *, abort: bool) -> None:
         if abort:
             self._state = "aborting"
             # Cancels the write, which aborts its upload; the adders waiting for room find the stream closed.
