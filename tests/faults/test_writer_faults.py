@@ -3,7 +3,9 @@ leaves no multipart upload; a network failing now and then still stores every ba
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from typing import Any
 
 import orjson
@@ -61,6 +63,35 @@ async def test_a_refused_part_poisons_the_writer_its_adds_and_exit_raise_and_not
     assert proxy.count("AbortMultipartUpload") >= 1
     await sink.aclose()
     assert_nothing_left(s3, bucket)
+
+
+class Tracked(dict[str, Any]):
+    """A feature that a weak reference can watch: orjson writes it as the dict it is."""
+
+
+@pytest.mark.anyio
+async def test_a_writer_holds_its_buffered_batches_as_bytes_not_features(
+    proxy: FaultProxy, bucket: str, read_object: Any
+) -> None:
+    # The write is held at its bucket check, so nothing is taken from the writer's buffer while batches are added.
+    proxy.add_rule(Rule({"HeadBucket"}, "delay", delay=3.0))
+    sink = AsyncS3Sink(bucket, "held", client=ClientSettings(endpoint_url=proxy.url))
+    watched: list[weakref.ref[Tracked]] = []
+    async with sink.open("scene") as writer:
+        for number in range(3):
+            features = [Tracked(feature) for feature in batch(number, 100)]
+            watched += map(weakref.ref, features)
+            await writer.add(features)
+            del features
+        gc.collect()
+        # Encoded as they were added: the writer keeps none of the features it was given.
+        assert [ref for ref in watched if ref() is not None] == []
+        assert proxy.count("HeadBucket") == 0
+    assert writer.result is not None
+    assert writer.result.features == 300
+    stored = orjson.loads(read_object("held/scene.geojson"))
+    assert stored["features"] == batch(0, 100) + batch(1, 100) + batch(2, 100)
+    await sink.aclose()
 
 
 def test_the_sync_writer_stores_every_batch_whole_through_retried_requests(
