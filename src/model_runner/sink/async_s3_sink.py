@@ -17,12 +17,14 @@ from model_runner.api import SinkMode, SinkType
 from model_runner.sink.clients import CLOSE_WAIT_SECONDS, ClientOptions, InFlight, SharedClient, shared_client
 from model_runner.sink.encoding import (
     SUFFIXES,
+    EncodedBatch,
     EncodingStats,
     Features,
     FeatureSource,
     OutputFormat,
     check_features,
     check_members,
+    encode_batch,
     encode_collection,
 )
 from model_runner.sink.exceptions import FeatureEncodingError, ObjectExistsError, SinkError
@@ -390,6 +392,20 @@ class AsyncS3Sink(AsyncSink):
         :raises TypeError: If ``overwrite`` is not a bool.
         """
         return AsyncSinkWriter(self, image_id, metadata, overwrite)
+
+    async def _encode_batch(self, features: list[Any] | tuple[Any, ...], first_index: int) -> list[EncodedBatch]:
+        # For this sink's writers: a batch encoded as its writes encode, within its client's worker threads.
+        settings = self.settings
+        async with shared_client(self._client_options) as shared:
+            return await encode_batch(
+                features,
+                first_index,
+                output_format=settings.output_format,
+                batch_features=settings.encode_batch_features,
+                call_seconds=settings.encode_call_seconds,
+                limiter=shared.limiter,
+                batches_per_trip=self._batches_per_trip,
+            )
 
     async def object_metadata(self, image_id: str) -> dict[str, str] | None:
         """

@@ -642,6 +642,8 @@ async def encode_batch(
     output_format: OutputFormat = "geojson",
     batch_features: int = 1000,
     call_seconds: float = 0.001,
+    limiter: anyio.CapacityLimiter | None = None,
+    batches_per_trip: int = 1,
 ) -> list[EncodedBatch]:
     """
     Encode a batch of features in worker threads, as :func:`encode_collection` would, for :class:`EncodedFeatures`.
@@ -651,11 +653,13 @@ async def encode_batch(
     :param output_format: The object's format.
     :param batch_features: Features in the first orjson call; later ones adapt to ``call_seconds``.
     :param call_seconds: Target duration of one orjson call.
+    :param limiter: Limits the worker threads used.
+    :param batches_per_trip: Batches encoded per trip to a worker thread.
     :return: The encoded batches, in order.
     :raises FeatureEncodingError: As :func:`encode_collection` does, naming the feature's index within the object.
     """
     framing = _framing(output_format)
-    batches = _encoded_batches(features, batch_features, call_seconds, None, framing, 1, first_index)
+    batches = _encoded_batches(features, batch_features, call_seconds, limiter, framing, batches_per_trip, first_index)
     return [encoded_batch async for encoded_batch in batches]
 
 

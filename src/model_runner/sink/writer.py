@@ -11,7 +11,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from model_runner.sink.encoding import EncodedBatch, EncodedFeatures, Feature, check_features, encode_batch
+from model_runner.sink.encoding import EncodedBatch, EncodedFeatures, Feature, check_features
 from model_runner.sink.exceptions import FeatureEncodingError, SinkError
 from model_runner.sink.loop_thread import Call, checked_timeout, pulled_by_caller, shared_loop
 from model_runner.sink.results import WriteResult
@@ -141,15 +141,8 @@ class AsyncSinkWriter:
         # Encoded as it is added, under the turn so that an error names the feature's index within the object: the
         # writer then holds bytes, not features that would live long enough to reach the garbage collector's
         # oldest generation (whose full collections stall every thread).
-        settings = self._sink.settings
         try:
-            return await encode_batch(
-                batch,
-                self._added,
-                output_format=settings.output_format,
-                batch_features=settings.encode_batch_features,
-                call_seconds=settings.encode_call_seconds,
-            )
+            return await self._sink._encode_batch(batch, self._added)
         except FeatureEncodingError as error:
             self._error = self._error or error
             raise
