@@ -543,9 +543,7 @@ def _timed_dumps(features: list[Any], first_index: int, framing: _Framing) -> tu
     return data, time.perf_counter() - started
 
 
-def _pull_and_dumps(
-    iterator: Iterator[Any], count: int, first_index: int, framing: _Framing
-) -> tuple[memoryview, int, float]:
+def _pull_and_dumps(iterator: Iterator[Any], count: int, first_index: int, framing: _Framing) -> EncodedBatch:
     # Pulled in the worker thread: a generator's own work stays off the event loop too.
     batch = list(islice(iterator, count))
     if not batch:
@@ -556,10 +554,10 @@ def _pull_and_dumps(
 
 def _encode_trip(
     iterator: Iterator[Any], batch_size: int, first_index: int, framing: _Framing, target: float, batches: int
-) -> tuple[list[tuple[memoryview, int, float]], int, bool]:
+) -> tuple[list[EncodedBatch], int, bool]:
     # Up to `batches` batches in one trip to a worker thread: fewer hand-overs of the GIL between this thread and
     # the loop that sends it work.
-    encoded: list[tuple[memoryview, int, float]] = []
+    encoded: list[EncodedBatch] = []
     for turn in range(batches):
         if turn:
             # Releases the GIL for a moment: a thread waiting for it (another event loop's) takes it now, not after
@@ -586,7 +584,7 @@ def _next_batch_size(size: int, seconds: float, target: float) -> int:
     return max(1, min(wanted, size * 2, _MAX_BATCH_FEATURES))
 
 
-async def _encoded_batches(
+def _encoded_batches(
     features: Features,
     batch_size: int,
     target_seconds: float,
@@ -596,38 +594,65 @@ async def _encoded_batches(
     index: int = 0,
 ) -> AsyncIterator[EncodedBatch]:
     if isinstance(features, EncodedFeatures):
-        async for group in features.groups:
-            for encoded_batch in group:
-                yield encoded_batch
-        return
+        return _passed_on(features)
     if isinstance(features, AsyncIterable):
-        iterator = aiter(features)
-        exhausted = False
-        while not exhausted:
-            batch: list[Any] = []
-            async for feature in iterator:
-                batch.append(feature)
-                if len(batch) >= batch_size:
-                    break
-            else:
-                exhausted = True
-            if not batch:
+        return _from_async_iterable(features, batch_size, target_seconds, limiter, framing, index)
+    return _from_iterable(features, batch_size, target_seconds, limiter, framing, batches_per_trip, index)
+
+
+async def _passed_on(features: EncodedFeatures) -> AsyncIterator[EncodedBatch]:
+    async for group in features.groups:
+        for encoded_batch in group:
+            yield encoded_batch
+
+
+async def _from_async_iterable(
+    features: AsyncIterable[Any],
+    batch_size: int,
+    target_seconds: float,
+    limiter: anyio.CapacityLimiter | None,
+    framing: _Framing,
+    index: int,
+) -> AsyncIterator[EncodedBatch]:
+    # Pulled on the loop, the only place an async iterable can be; encoded in a worker thread.
+    iterator = aiter(features)
+    exhausted = False
+    while not exhausted:
+        batch: list[Any] = []
+        async for feature in iterator:
+            batch.append(feature)
+            if len(batch) >= batch_size:
                 break
-            data, seconds = await anyio.to_thread.run_sync(_timed_dumps, batch, index, framing, limiter=limiter)
-            yield data, len(batch), seconds
-            index += len(batch)
-            batch_size = _next_batch_size(batch_size, seconds, target_seconds)
-        return
+        else:
+            exhausted = True
+        if not batch:
+            break
+        data, seconds = await anyio.to_thread.run_sync(_timed_dumps, batch, index, framing, limiter=limiter)
+        yield data, len(batch), seconds
+        index += len(batch)
+        batch_size = _next_batch_size(batch_size, seconds, target_seconds)
+
+
+async def _from_iterable(
+    features: Iterable[Any],
+    batch_size: int,
+    target_seconds: float,
+    limiter: anyio.CapacityLimiter | None,
+    framing: _Framing,
+    batches_per_trip: int,
+    index: int,
+) -> AsyncIterator[EncodedBatch]:
+    # Pulled and encoded together, in trips to a worker thread, or to the thread a ThreadBoundFeatures names.
     if isinstance(features, ThreadBoundFeatures):
-        sync_iterator, run_sync = features.iterator, features.run_sync
+        iterator, run_sync = features.iterator, features.run_sync
     else:
-        sync_iterator, run_sync = iter(features), partial(anyio.to_thread.run_sync, limiter=limiter)
+        iterator, run_sync = iter(features), partial(anyio.to_thread.run_sync, limiter=limiter)
     # A sequence's end is known: no trip is spent finding it empty.
     end = index + len(features) if isinstance(features, (list, tuple)) else None
     exhausted = end == index
     while not exhausted:
         encoded, batch_size, exhausted = await run_sync(
-            _encode_trip, sync_iterator, batch_size, index, framing, target_seconds, batches_per_trip
+            _encode_trip, iterator, batch_size, index, framing, target_seconds, batches_per_trip
         )
         for data, count, seconds in encoded:
             yield data, count, seconds
