@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import aclosing
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
 
 import anyio
 from botocore.exceptions import ClientError
@@ -81,6 +81,16 @@ def _utf8_length(text: str, what: str) -> int:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError as error:
         raise ValueError(f"{what} {text!r} cannot be an S3 key: it is not valid Unicode ({error.reason})") from None
+
+
+class _EncoderOptions(TypedDict):
+    """How a sink's writes and writers encode: the same for both."""
+
+    batch_features: int
+    call_seconds: float
+    limiter: anyio.CapacityLimiter
+    output_format: OutputFormat
+    batches_per_trip: int
 
 
 def _split_collection(source: FeatureSource) -> tuple[Features, dict[str, Any]]:
@@ -336,16 +346,7 @@ class AsyncS3Sink(AsyncSink):
     ) -> WriteResult:
         async with shared_client(self._client_options) as shared:
             await self._check_bucket_once(shared)
-            chunks = encode_collection(
-                features,
-                batch_features=self.settings.encode_batch_features,
-                call_seconds=self.settings.encode_call_seconds,
-                limiter=shared.limiter,
-                stats=watch.stats,
-                members=members,
-                output_format=self.settings.output_format,
-                batches_per_trip=self._batches_per_trip,
-            )
+            chunks = encode_collection(features, stats=watch.stats, members=members, **self._encoder_options(shared))
             async with aclosing(chunks):
                 outcome = await upload_object(
                     shared,
@@ -395,17 +396,18 @@ class AsyncS3Sink(AsyncSink):
 
     async def _encode_batch(self, features: list[Any] | tuple[Any, ...], first_index: int) -> list[EncodedBatch]:
         # For this sink's writers: a batch encoded as its writes encode, within its client's worker threads.
-        settings = self.settings
         async with shared_client(self._client_options) as shared:
-            return await encode_batch(
-                features,
-                first_index,
-                output_format=settings.output_format,
-                batch_features=settings.encode_batch_features,
-                call_seconds=settings.encode_call_seconds,
-                limiter=shared.limiter,
-                batches_per_trip=self._batches_per_trip,
-            )
+            return await encode_batch(features, first_index, **self._encoder_options(shared))
+
+    def _encoder_options(self, shared: SharedClient) -> _EncoderOptions:
+        settings = self.settings
+        return _EncoderOptions(
+            batch_features=settings.encode_batch_features,
+            call_seconds=settings.encode_call_seconds,
+            limiter=shared.limiter,
+            output_format=settings.output_format,
+            batches_per_trip=self._batches_per_trip,
+        )
 
     async def object_metadata(self, image_id: str) -> dict[str, str] | None:
         """
