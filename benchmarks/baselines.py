@@ -12,12 +12,14 @@ import tempfile
 import zlib
 from base64 import b64encode
 from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import boto3
 import geojson
 import orjson
 from aiobotocore.session import AioSession
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
-__all__ = ["CONTENDERS", "FloorContender", "SeedContender"]
+__all__ = ["CONTENDERS", "FloorContender", "SeedContender", "ThreadFloor"]
 
 MiB = 1024 * 1024
 
@@ -164,15 +166,19 @@ class FloorContender(Contender):
         self._client: S3Client | None = None
 
     async def __aenter__(self) -> FloorContender:
+        self._client = await self._stack.enter_async_context(self._new_client())
+        return self
+
+    @staticmethod
+    def _new_client() -> AbstractAsyncContextManager[S3Client]:
+        # The sink's pool and request options, so that the floor pays what the sink pays per request.
         config = Config(
             max_pool_connections=ClientSettings().max_pool_connections,
             s3={"payload_signing_enabled": False},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        client = AioSession().create_client("s3", config=config)
-        self._client = await self._stack.enter_async_context(client)
-        return self
+        return AioSession().create_client("s3", config=config)
 
     @classmethod
     def prepare(cls, features: Iterable[Any]) -> Any:
@@ -255,6 +261,34 @@ class PutFloor(FloorContender):
     single_put = True
 
 
+class ThreadFloor(MultipartFloor):
+    """
+    The multipart floor as a sync facade runs it: on an event loop of its own in another thread (anyio's blocking
+    portal), the measured loop awaiting ``asyncio.to_thread`` of a blocking call into it, as it awaits ``S3Sink``.
+    The least work a write from another thread can do; its stall is the to_thread row's floor.
+    """
+
+    key = "floor-thread"
+    call_mode = "to_thread"
+    _portal: BlockingPortal
+
+    async def __aenter__(self) -> ThreadFloor:
+        portal = self._portal = self._stack.enter_context(start_blocking_portal())
+        # Made, used and closed on the portal's loop; entering blocks, so from a worker thread.
+        client = portal.wrap_async_context_manager(self._new_client())
+        self._client = await asyncio.to_thread(self._stack.enter_context, client)
+        return self
+
+    async def run(self, jobs: list[Job]) -> int:
+        """
+        Upload the bodies from the portal's loop, blocking a worker thread of the measured loop meanwhile.
+
+        :param jobs: ``(image id, payload)`` pairs.
+        :return: Bytes stored.
+        """
+        return await asyncio.to_thread(self._portal.call, super().run, jobs)
+
+
 CONTENDERS: dict[str, type[Contender]] = {
-    kind.key: kind for kind in (SeedContender, FloorContender, MultipartFloor, PutFloor)
+    kind.key: kind for kind in (SeedContender, FloorContender, MultipartFloor, PutFloor, ThreadFloor)
 }

@@ -38,6 +38,7 @@ MODULES = {
     "floor": "benchmarks.baselines",
     "floor-multipart": "benchmarks.baselines",
     "floor-put": "benchmarks.baselines",
+    "floor-thread": "benchmarks.baselines",
     "AsyncS3Sink": "benchmarks.contenders",
     "AsyncS3Sink-seq": "benchmarks.contenders",
     "AsyncS3Sink.open": "benchmarks.contenders",

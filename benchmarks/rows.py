@@ -92,6 +92,7 @@ CASES = {
     "write-60k": Case("warm", "AsyncS3Sink", 1, 60_000),
     "open-60k": Case("warm", "AsyncS3Sink.open", 1, 60_000),
     "to-thread-100k": Case("warm", "S3Sink", 1, 100_000),
+    "floor-thread-100k": Case("warm", "floor-thread", 1, 100_000),
     "floor-multipart-100k": Case("warm", "floor-multipart", 1, 100_000),
     "floor-put-100k": Case("warm", "floor-put", 1, 100_000),
     "obstore-200x500": Case("warm", "obstore", 200, 500),
@@ -111,6 +112,15 @@ ROWS = [
     Row("open-60k-rss", "peak RSS growth: open(), 60k features, 240 batches", "open-60k", rss_mb, "MB"),
     Row("warm-50x500", "stall: 50 concurrent writes of 500 features", "warm-50x500", stall_ms, "ms", 10, 5),
     Row("to-thread-100k", "stall: to_thread(S3Sink.write, 100k features)", "to-thread-100k", stall_ms, "ms", 10, 5),
+    Row("to-thread-floor", "stall: to_thread(multipart floor on its own loop)", "floor-thread-100k", stall_ms, "ms"),
+    Row(
+        "to-thread-vs-floor",
+        "stall: to_thread S3Sink vs its floor",
+        "to-thread-100k",
+        stall_ms,
+        "ms",
+        versus="to-thread-floor",
+    ),
     Row(
         "cpu-floor-multipart",
         "CPU 100k: multipart floor (8 MiB parts, 4 at once)",
