@@ -12,7 +12,7 @@ import tempfile
 import zlib
 from base64 import b64encode
 from collections.abc import Iterable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, ExitStack
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import boto3
@@ -273,10 +273,13 @@ class ThreadFloor(MultipartFloor):
     _portal: BlockingPortal
 
     async def __aenter__(self) -> ThreadFloor:
-        portal = self._portal = self._stack.enter_context(start_blocking_portal())
-        # Made, used and closed on the portal's loop; entering blocks, so from a worker thread.
-        client = portal.wrap_async_context_manager(self._new_client())
-        self._client = await asyncio.to_thread(self._stack.enter_context, client)
+        # The client is made, used and closed on the portal's loop. Closing it and the portal blocks: done from a
+        # worker thread, as is opening the client.
+        threads = ExitStack()
+        self._stack.push_async_callback(asyncio.to_thread, threads.close)
+        self._portal = threads.enter_context(start_blocking_portal())
+        client = self._portal.wrap_async_context_manager(self._new_client())
+        self._client = await asyncio.to_thread(threads.enter_context, client)
         return self
 
     async def run(self, jobs: list[Job]) -> int:
