@@ -34,12 +34,13 @@ T = TypeVar("T")
 
 # The private loop thread already runs the request path beside the caller's threads: with one worker thread
 # encoding and sealing, the caller's loop thread queues behind one busy thread fewer for the GIL and the cores
-# (to_thread(write, 100k features), median worst stall 9.8 ms against 13.5 ms with two, on 2 cores).
+# (to_thread(write, 100k features) on 2 cores, worst stall over 44 writes of each: median 10.9 ms against 12.9 ms
+# with two, lower in 58% of pairs).
 FACADE_WORKER_THREADS = 1
 # The private loop and the worker thread hand the GIL to each other at every trip of the encoder, and the caller's
 # loop, waiting for the GIL in a third thread, waits through those hand-overs: four batches a trip, the GIL released
-# between them (to_thread(write, 100k features), 10 paired writes on 2 cores: median worst stall 16.2 ms against
-# 26.2 ms, 99th percentile 7.6 ms against 13.4 ms).
+# between them (the same measure: 12.0 ms against 13.9 ms with one batch a trip, lower in 55% of pairs; 16.2
+# against 26.2 ms in 10 paired writes in one process).
 FACADE_BATCHES_PER_TRIP = 4
 
 
