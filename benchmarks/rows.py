@@ -17,7 +17,7 @@ from benchmarks.results import Measurement
 from benchmarks.runner import Harness, log
 from benchmarks.workloads import Workload
 
-__all__ = ["CASES", "ROWS", "Case", "Row", "measure_rows", "rows_text"]
+__all__ = ["CASES", "ROWS", "Case", "Row", "lower_share", "measure_rows", "rows_text"]
 
 
 @dataclass(frozen=True)
@@ -213,21 +213,42 @@ def _verdict(row: Row, figure: float, versus: float | None) -> tuple[str, str, b
     return ratio, f"must <= {row.must:g}{unit}, goal <= {goal:g}{unit}: {state}", figure <= row.must
 
 
+def lower_share(new: list[float], base: list[float]) -> float:
+    """
+    How often this checkout's figure is below the baseline's, over every pair of their runs (ties count half): a
+    check on a ratio of medians, which one noisy run can swing; pooled over several runs it settles.
+
+    :param new: This checkout's figures.
+    :param base: The baseline's.
+    :return: The share of pairs, from 0 to 1; NaN without figures on both sides.
+    """
+    if not new or not base:
+        return float("nan")
+    below = sum((a < b) + 0.5 * (a == b) for a in new for b in base)
+    return below / (len(new) * len(base))
+
+
 def rows_text(rows: list[Row], figures: Figures) -> tuple[str, bool]:
     """
-    Each row's median, its target and verdict, and the baseline's median and ratio if measured.
+    Each row's median, its target and verdict, and the baseline's median, the ratio and :func:`lower_share` if
+    measured.
 
     :param rows: The rows.
     :param figures: From :func:`measure_rows`.
     :return: The table's text, and whether every row meets its must.
     """
     medians = {key: {label: median(values) for label, values in sides.items()} for key, sides in figures.items()}
-    lines = [f"{'row':<55} {'median':>10} {'base':>8} {'/base':>6} {'ratio':>6}  target"]
+    lines = [f"{'row':<55} {'median':>10} {'base':>8} {'/base':>6} {'lower':>6} {'ratio':>6}  target"]
     met = True
     for row in rows:
         new, base = medians[row.key]["new"], medians[row.key]["base"]
         ratio, target, ok = _verdict(row, new, medians.get(row.versus or "", {}).get("new"))
         met = met and ok
-        base_text, change = (f"{base:8.2f}", f"{new / base:6.2f}") if base == base else ("", "")
-        lines.append(f"{row.title:<55} {new:7.2f} {row.unit:<2} {base_text:>8} {change:>6} {ratio:>6}  {target}")
+        base_text, change, lower = ("", "", "")
+        if base == base:
+            share = lower_share(figures[row.key]["new"], figures[row.key]["base"])
+            base_text, change, lower = f"{base:8.2f}", f"{new / base:6.2f}", f"{share:6.0%}"
+        lines.append(
+            f"{row.title:<55} {new:7.2f} {row.unit:<2} {base_text:>8} {change:>6} {lower:>6} {ratio:>6}  {target}"
+        )
     return "\n".join(lines), met
