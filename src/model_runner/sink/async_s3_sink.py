@@ -394,7 +394,7 @@ class AsyncS3Sink(AsyncSink):
         """
         return AsyncSinkWriter(self, image_id, metadata, overwrite)
 
-    async def _encode_batch(self, features: list[Any] | tuple[Any, ...], first_index: int) -> list[EncodedBatch]:
+    async def _encode_batch(self, features: Features, first_index: int) -> list[EncodedBatch]:
         # For this sink's writers: a batch encoded as its writes encode, within its client's worker threads.
         async with shared_client(self._client_options) as shared:
             return await encode_batch(features, first_index, **self._encoder_options(shared))

@@ -661,7 +661,7 @@ async def _from_iterable(
 
 
 async def encode_batch(
-    features: list[Any] | tuple[Any, ...],
+    features: Features,
     first_index: int,
     *,
     output_format: OutputFormat = "geojson",
@@ -671,9 +671,10 @@ async def encode_batch(
     batches_per_trip: int = 1,
 ) -> list[EncodedBatch]:
     """
-    Encode a batch of features in worker threads, as :func:`encode_collection` would, for :class:`EncodedFeatures`.
+    Pull and encode a batch of features as :func:`encode_collection` would (an iterable in worker threads, an async
+    iterable on the loop), for :class:`EncodedFeatures`.
 
-    :param features: The features.
+    :param features: The features: an iterable or async iterable.
     :param first_index: The first one's index within the object, for errors.
     :param output_format: The object's format.
     :param batch_features: Features in the first orjson call; later ones adapt to ``call_seconds``.

@@ -7,7 +7,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
-import anyio.to_thread
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -26,18 +25,7 @@ __all__ = ["AsyncSinkWriter", "SinkWriter"]
 # hand-over, few enough that what a writer holds stays a handful of batches besides the upload's own bounded bytes.
 BUFFERED_BATCHES = 4
 
-_Batch: TypeAlias = "list[Feature] | tuple[Feature, ...]"
 _Encoded: TypeAlias = "list[EncodedBatch]"
-
-
-async def _gathered(features: Iterable[Feature] | AsyncIterable[Feature]) -> _Batch:
-    """A batch as a sequence, so that it is fed to the object whole, whatever its source."""
-    if isinstance(features, (list, tuple)):
-        return features
-    if isinstance(features, AsyncIterable):
-        return [feature async for feature in features]
-    # A plain iterable is pulled in a worker thread, as a write pulls one: its own work stays off the loop.
-    return await anyio.to_thread.run_sync(list, features)
 
 
 class AsyncSinkWriter:
@@ -102,8 +90,8 @@ class AsyncSinkWriter:
         writer's few buffered batches are not yet taken by the upload.
 
         :param features: A list or tuple (taken as it is: do not change it afterwards), any iterable (pulled in a
-            worker thread) or an async iterable of GeoJSON features; an iterable or async iterable is gathered whole
-            before its turn comes, so a slow source holds up the adds made after it.
+            worker thread) or an async iterable of GeoJSON features; it is pulled and encoded whole under its turn,
+            so a slow source holds up the adds made after it.
         :raises TypeError: If ``features`` is not an iterable or async iterable of features (the writer goes on).
             A call cancelled while its batch is handed over (the writer full) fails the writer, which then stores
             nothing: the batch may or may not have landed.
@@ -119,9 +107,7 @@ class AsyncSinkWriter:
             raise RuntimeError(f"{self!r} is not open: add features inside its async with block")
         async with turn:
             self._check_open()
-            batch = await _gathered(features)
-            self._check_open()
-            encoded = await self._encode(batch)
+            encoded = await self._encode(features)
             try:
                 await send.send(encoded)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -135,14 +121,15 @@ class AsyncSinkWriter:
                     " nothing is stored"
                 )
                 raise
-            self._added += len(batch)
+            self._added += sum(count for _, count, _ in encoded)
 
-    async def _encode(self, batch: _Batch) -> _Encoded:
-        # Encoded as it is added, under the turn so that an error names the feature's index within the object: the
-        # writer then holds bytes, not features that would live long enough to reach the garbage collector's
-        # oldest generation (whose full collections stall every thread).
+    async def _encode(self, features: Iterable[Feature] | AsyncIterable[Feature]) -> _Encoded:
+        # Pulled and encoded as it is added, in the encoder's own batches (a plain iterable in a worker thread, as a
+        # write pulls one), under the turn so that an error names the feature's index within the object: the writer
+        # then holds bytes, not features that would live long enough to reach the garbage collector's oldest
+        # generation (whose full collections stall every thread).
         try:
-            return await self._sink._encode_batch(batch, self._added)
+            return await self._sink._encode_batch(features, self._added)
         except FeatureEncodingError as error:
             self._error = self._error or error
             raise
